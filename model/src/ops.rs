@@ -1,0 +1,99 @@
+//! The small building blocks every operator uses: LayerNorm, Linear, softmax.
+//!
+//! At inference they run candle's fused kernels; those have no backward pass, so when a tensor
+//! tracks gradients (training) the composed, differentiable forms are used instead.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        } else {
+            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        }
+    }
+}
+
+/// `y = x·Wᵀ + b` with W stored `[out, in]` as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: Some(vb.get(out_dim, "bias")?),
+        })
+    }
+
+    pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: None,
+        })
+    }
+
+    pub fn with_bias(weight: Tensor, bias: Tensor) -> Self {
+        Self {
+            weight,
+            bias: Some(bias),
+        }
+    }
+
+    /// A bias-free map from a bare `[out, in]` parameter (the ISTA dictionary, the decoder's
+    /// linear step), used through `F.linear` in the official code.
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One large GEMM over all tokens of all images: [B·N, in] x [in, out]. candle's
+        // broadcast (batched) matmul would run B small GEMMs instead.
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        *dims.last_mut().expect("linear input has at least one dim") = out_dim;
+        y.reshape(dims)
+    }
+}
+
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
