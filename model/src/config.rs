@@ -179,10 +179,12 @@ impl CrateMaeConfig {
     }
 
     /// Forward FLOPs of the encoder for one image, counted as the paper does (2 per
-    /// multiply-add, three-matmul ISTA): `depth · (10·N·d² + 4·N²·d)`.
+    /// multiply-add, three-matmul ISTA): patch embedding `2·L·C·p²·d` plus
+    /// `depth · (10·N·d² + 4·N²·d)`. Base: 15.605 GFLOPs.
     pub fn encoder_flops_per_image(&self) -> f64 {
         let (n, d) = (self.seq_len() as f64, self.dim as f64);
-        self.depth as f64 * (10.0 * n * d * d + 4.0 * n * n * d)
+        let embed = 2.0 * self.num_patches() as f64 * (self.in_chans * self.patch_size * self.patch_size) as f64 * d;
+        embed + self.depth as f64 * (10.0 * n * d * d + 4.0 * n * n * d)
     }
 
     /// Forward FLOPs of the decoder (linear map, MSSA, prediction head) for one image.

@@ -12,7 +12,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::Linear;
+use crate::ops::{shrink_relu, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Ista {
@@ -64,7 +64,7 @@ impl Ista {
     /// `ReLU(n·M − ηλ)`; falls back to the three-matmul form while training.
     pub fn forward(&self, n: &Tensor) -> Result<Tensor> {
         match &self.fused {
-            Some(m) if !n.track_op() => (m.forward(n)? - self.threshold)?.relu(),
+            Some(m) if !n.track_op() => shrink_relu(&m.forward(n)?, self.threshold),
             _ => self.forward_three_matmul(n),
         }
     }

@@ -17,7 +17,11 @@ pub struct Mssa {
     /// Absent only when one head spans the whole width (never in official configs).
     to_out: Option<Linear>,
     heads: usize,
-    scale: f64,
+    /// The softmax scale `dh^-½` still to apply to the scores; 1 when it is folded into the
+    /// weights (see [`Mssa::new`]).
+    score_scale: f64,
+    /// Factor by which `qkv` outputs are pre-scaled (`dh^-¼` when folded, else 1).
+    qkv_scale: f64,
 }
 
 impl Mssa {
@@ -28,11 +32,30 @@ impl Mssa {
         } else {
             Some(Linear::new(dim, dim, vb.pp("to_out").pp("0"))?)
         };
+        let qkv = Linear::no_bias(dim, dim, vb.pp("qkv"))?;
+        let scale = (dim_head as f64).powf(-0.5);
+        // Inference: (s·w)(s·w)ᵀ = s²·wwᵀ, so scaling U by s = dh^-¼ puts the softmax scale in
+        // the weights; the value path then carries a factor s, undone in `to_out`'s weight
+        // (linear, before the bias). Saves a pass over the [B, H, N, N] scores per layer.
+        // Trained weights change under us, so training keeps the explicit scale.
+        let fold = !qkv.weight().track_op() && to_out.is_some();
+        if !fold {
+            return Ok(Self {
+                qkv,
+                to_out,
+                heads,
+                score_scale: scale,
+                qkv_scale: 1.0,
+            });
+        }
+        let s = scale.sqrt();
+        let to_out = to_out.map(|o| o.scaled_weight(1.0 / s)).transpose()?;
         Ok(Self {
-            qkv: Linear::no_bias(dim, dim, vb.pp("qkv"))?,
+            qkv: qkv.scaled_weight(s)?,
             to_out,
             heads,
-            scale: (dim_head as f64).powf(-0.5),
+            score_scale: 1.0,
+            qkv_scale: s,
         })
     }
 
@@ -40,12 +63,17 @@ impl Mssa {
     pub fn forward(&self, x: &Tensor, scope: &str, taps: &mut Taps) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let w = self.qkv.forward(x)?;
-        taps.record(scope, "qkv", &w);
+        if !taps.is_off() {
+            taps.record(scope, "qkv", &(&w / self.qkv_scale)?);
+        }
         let w = w
             .reshape((b, n, self.heads, d / self.heads))?
             .transpose(1, 2)?
             .contiguous()?; // [B, H, N, dh]
-        let scores = (w.matmul(&w.t()?)? * self.scale)?;
+        let mut scores = w.matmul(&w.t()?)?;
+        if self.score_scale != 1.0 {
+            scores = (scores * self.score_scale)?;
+        }
         let attn = softmax_last_dim(&scores)?;
         taps.record(scope, "attn", &attn);
         let out = attn.matmul(&w)?.transpose(1, 2)?.reshape((b, n, d))?;

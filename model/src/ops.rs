@@ -3,7 +3,7 @@
 //! At inference they run candle's fused kernels; those have no backward pass, so when a tensor
 //! tracks gradients (training) the composed, differentiable forms are used instead.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -71,6 +71,14 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// The same map with its weight (not its bias) multiplied by `factor`.
+    pub fn scaled_weight(&self, factor: f64) -> Result<Self> {
+        Ok(Self {
+            weight: (&self.weight * factor)?,
+            bias: self.bias.clone(),
+        })
+    }
 }
 
 impl Module for Linear {
@@ -95,5 +103,35 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// `max(x − t, 0)`: ISTA's shrinkage and ReLU in one pass on the CPU (two elementwise passes,
+/// each allocating a `[B, N, d]` tensor, otherwise). Differentiable composed ops elsewhere.
+pub fn shrink_relu(x: &Tensor, threshold: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && !x.track_op() && x.dtype() == candle_core::DType::F32 {
+        x.apply_op1_no_bwd(&ShrinkRelu(threshold as f32))
+    } else {
+        (x - threshold)?.relu()
+    }
+}
+
+struct ShrinkRelu(f32);
+
+impl CustomOp1 for ShrinkRelu {
+    fn name(&self) -> &'static str {
+        "shrink-relu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("shrink-relu: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("shrink-relu: contiguous input only")
+        };
+        let t = self.0;
+        let out: Vec<f32> = data[start..end].iter().map(|&v| (v - t).max(0.0)).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -1,0 +1,255 @@
+//! Behaviour of the model crate that the golden vectors do not pin down: batching,
+//! the equivalences between entry points, the fused ISTA, and checkpoint errors.
+
+use std::io::Write;
+
+use anyhow::Result;
+use candle_core::{Device, IndexOp, Tensor};
+use crate_mae::checkpoint::{self, LoadOptions};
+use crate_mae::{init, CrateMae, CrateMaeConfig, Mask, ModelError, Pooling, Taps};
+
+fn small_config() -> CrateMaeConfig {
+    CrateMaeConfig {
+        img_size: 32,
+        patch_size: 8,
+        dim: 64,
+        depth: 2,
+        heads: 4,
+        decoder_depth: 2,
+        decoder_num_heads: 4,
+        ..CrateMaeConfig::tiny()
+    }
+}
+
+fn model(cfg: &CrateMaeConfig, seed: u64) -> Result<CrateMae> {
+    let weights = init::random_weights(cfg, seed, &Device::Cpu)?;
+    Ok(checkpoint::model_from_tensors(weights, cfg, &Device::Cpu)?)
+}
+
+fn images(cfg: &CrateMaeConfig, batch: usize, seed: u64) -> Result<Tensor> {
+    let noise = Mask::seeded_noise(batch, cfg.in_chans * cfg.img_size * cfg.img_size, seed);
+    let flat: Vec<f32> = noise.into_iter().flatten().map(|v| 4.0 * v - 2.0).collect();
+    Ok(Tensor::from_vec(flat, (batch, cfg.in_chans, cfg.img_size, cfg.img_size), &Device::Cpu)?)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+#[test]
+fn one_image_alone_equals_the_same_image_inside_a_batch_of_five() -> Result<()> {
+    let cfg = small_config();
+    let m = model(&cfg, 1)?;
+    let batch = images(&cfg, 5, 2)?;
+    let together = m.embed_tokens(&batch)?;
+    let mask = Mask::random(5, cfg.num_patches(), 0.75, 3)?;
+    let completed = m.complete(&batch, &mask, &mut Taps::none())?;
+    for i in 0..5 {
+        let alone = m.embed_tokens(&batch.narrow(0, i, 1)?)?;
+        let d = max_diff(&alone, &together.narrow(0, i, 1)?)?;
+        assert!(d < 1e-5, "image {i}: embedding differs by {d}");
+        let one_mask = Mask::from_indices(
+            &[(0..cfg.num_patches()).filter(|&l| mask.rows()[i][l]).collect()],
+            cfg.num_patches(),
+        )?;
+        let alone = m.complete(&batch.narrow(0, i, 1)?, &one_mask, &mut Taps::none())?;
+        let d = max_diff(&alone.pred, &completed.pred.narrow(0, i, 1)?)?;
+        assert!(d < 1e-5, "image {i}: completion differs by {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn mask_ratio_zero_is_the_embedding_path() -> Result<()> {
+    let cfg = small_config();
+    let m = model(&cfg, 4)?;
+    let x = images(&cfg, 3, 5)?;
+    let mask = Mask::random(3, cfg.num_patches(), 0.0, 9)?;
+    assert_eq!(mask.masked_count(0), 0);
+    let masked = m.encode(&x, Some(&mask), &mut Taps::none())?;
+    let plain = m.embed_tokens(&x)?;
+    assert!(max_diff(&masked, &plain)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
+    let cfg = small_config();
+    let m = model(&cfg, 6)?;
+    let x = images(&cfg, 2, 7)?;
+    let noise = Mask::seeded_noise(2, cfg.num_patches(), 11);
+    let from_noise = Mask::from_noise(&noise, 0.75)?;
+    let indices: Vec<Vec<usize>> = from_noise
+        .rows()
+        .iter()
+        .map(|row| (0..row.len()).filter(|&l| row[l]).collect())
+        .collect();
+    let explicit = Mask::from_indices(&indices, cfg.num_patches())?;
+    assert_eq!(explicit, from_noise);
+    let a = m.complete(&x, &from_noise, &mut Taps::none())?;
+    let b = m.complete(&x, &explicit, &mut Taps::none())?;
+    assert_eq!(max_diff(&a.composite, &b.composite)?, 0.0);
+    // And the masked patches really are hidden: changing them changes nothing upstream of
+    // the mask token.
+    let masked_patch = indices[0][0];
+    let g = cfg.grid_size();
+    let (pi, pj) = (masked_patch / g, masked_patch % g);
+    let p = cfg.patch_size;
+    let bump = Tensor::ones((1, 3, p, p), candle_core::DType::F32, &Device::Cpu)?;
+    let mut changed = x.clone();
+    let region = changed.i((0..1, .., pi * p..pi * p + p, pj * p..pj * p + p))?;
+    changed = changed.slice_assign(&[0..1, 0..3, pi * p..pi * p + p, pj * p..pj * p + p], &(region + bump)?)?;
+    let c = m.complete(&changed, &explicit, &mut Taps::none())?;
+    assert!(max_diff(&a.pred, &c.pred)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn fused_ista_equals_the_three_matmul_form() -> Result<()> {
+    let cfg = CrateMaeConfig::tiny();
+    let m = model(&CrateMaeConfig { depth: 1, decoder_depth: 1, ..cfg.clone() }, 8)?;
+    let ista = m.encoder_blocks()[0].ista();
+    let values: Vec<f32> = Mask::seeded_noise(1, 50 * cfg.dim, 3)[0]
+        .iter()
+        .map(|v| 4.0 * v - 2.0)
+        .collect();
+    let n = Tensor::from_vec(values, (2, 25, cfg.dim), &Device::Cpu)?;
+    let fused = ista.forward(&n)?;
+    let three = ista.forward_three_matmul(&n)?;
+    let d = max_diff(&fused, &three)?;
+    assert!(d < 1e-5, "fused vs three-matmul: {d}");
+    // Both really are ISTA: sparse (some exact zeros) and not all zero.
+    let zeros = fused.eq(0f64)?.to_dtype(candle_core::DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    assert!(zeros > 0.05 && zeros < 0.95, "zero fraction {zeros}");
+    Ok(())
+}
+
+#[test]
+fn pooling_and_layer_tokens_have_the_documented_shapes() -> Result<()> {
+    let cfg = small_config();
+    let m = model(&cfg, 2)?;
+    let x = images(&cfg, 2, 1)?;
+    let tokens = m.embed_tokens(&x)?;
+    assert_eq!(tokens.dims(), &[2, cfg.seq_len(), cfg.dim]);
+    let cls = m.embed(&x, Pooling::Cls)?;
+    assert_eq!(max_diff(&cls, &tokens.i((.., 0))?)?, 0.0);
+    let mean = m.embed(&x, Pooling::Mean)?;
+    assert!(max_diff(&mean, &tokens.i((.., 1..))?.mean(1)?)? < 1e-6);
+    assert_eq!(m.layer_tokens(&x, 1)?.dims(), &[2, cfg.seq_len(), cfg.dim]);
+    assert_eq!(m.attention_maps(&x, 0)?.dims(), &[2, cfg.heads, cfg.seq_len(), cfg.seq_len()]);
+    assert!(matches!(m.layer_tokens(&x, 2), Err(ModelError::Input(_))));
+    // Wrong image size is an input error, not a panic.
+    let wrong = Tensor::zeros((1, 3, 31, 32), candle_core::DType::F32, &Device::Cpu)?;
+    assert!(matches!(m.embed_tokens(&wrong), Err(ModelError::Input(_))));
+    Ok(())
+}
+
+#[test]
+fn layer_norm_and_softmax_fall_back_to_differentiable_ops_when_training() -> Result<()> {
+    let cfg = small_config();
+    let weights = init::random_weights(&cfg, 3, &Device::Cpu)?;
+    let varmap = candle_nn::VarMap::new();
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (k, t) in &weights {
+            data.insert(k.clone(), candle_core::Var::from_tensor(t)?);
+        }
+    }
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let trainable = CrateMae::new(&cfg, vb)?;
+    let frozen = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu)?;
+    let x = images(&cfg, 2, 4)?;
+    let mask = Mask::random(2, cfg.num_patches(), 0.75, 1)?;
+    let out = trainable.complete(&x, &mask, &mut Taps::none())?;
+    let loss = trainable.loss(&x, &out.pred, &out.mask, false)?;
+    let grads = loss.backward()?;
+    let dict = varmap.data().lock().unwrap()["blocks.0.layers.0.1.fn.weight"].clone();
+    let g = grads.get(&dict).expect("gradient reaches the ISTA dictionary");
+    assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+    let reference = frozen.complete(&x, &mask, &mut Taps::none())?;
+    assert!(max_diff(&out.pred.detach(), &reference.pred)? < 1e-4);
+    Ok(())
+}
+
+fn write_temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("crate-mae-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
+    let cfg = small_config();
+    let weights = init::random_weights(&cfg, 1, &Device::Cpu)?;
+    let opts = LoadOptions {
+        heads: Some(cfg.heads),
+        ..Default::default()
+    };
+
+    // A good file round-trips with its configuration embedded.
+    let good = std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
+    checkpoint::save_safetensors(&weights, &cfg, &good)?;
+    let (m, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
+    assert_eq!(m.config(), &cfg);
+    assert_eq!(info.sha256.len(), 64);
+
+    // Missing tensor.
+    let mut missing = weights.clone();
+    missing.remove("blocks.1.layers.0.1.fn.weight");
+    let path = std::env::temp_dir().join(format!("crate-mae-missing-{}.safetensors", std::process::id()));
+    checkpoint::save_safetensors(&missing, &cfg, &path)?;
+    match checkpoint::load(&path, &opts, &Device::Cpu) {
+        Err(ModelError::MissingTensor { name, expected }) => {
+            assert_eq!(name, "blocks.1.layers.0.1.fn.weight");
+            assert_eq!(expected, vec![64, 64]);
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+
+    // Mis-shaped tensor.
+    let mut misshaped = weights.clone();
+    misshaped.insert("norm.weight".into(), Tensor::ones(63, candle_core::DType::F32, &Device::Cpu)?);
+    checkpoint::save_safetensors(&misshaped, &cfg, &path)?;
+    let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::ShapeMismatch { name, expected, actual } if name == "norm.weight" && expected == &vec![64] && actual == &vec![63]),
+        "{err}"
+    );
+    assert!(err.to_string().contains("norm.weight"));
+
+    // Garbage, empty, truncated safetensors, truncated and non-PyTorch zip: errors, no panics.
+    let good_bytes = std::fs::read(&good)?;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage.bin", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+        ("empty.safetensors", vec![]),
+        ("truncated.safetensors", good_bytes[..good_bytes.len() / 2].to_vec()),
+        ("truncated.pth", std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/golden/set_a/checkpoint.pth")).map(|b| b[..b.len() / 3].to_vec()).unwrap_or_else(|_| b"PK\x03\x04junk".to_vec())),
+        ("zip.pth", b"PK\x03\x04\x14\x00\x00\x00\x08\x00garbage-after-a-zip-magic".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let path = write_temp(name, &bytes);
+        match checkpoint::load(&path, &opts, &Device::Cpu) {
+            Err(ModelError::Checkpoint { path: p, reason }) => {
+                assert_eq!(p, path, "{name}");
+                assert!(!reason.is_empty(), "{name}");
+            }
+            other => panic!("{name}: expected a checkpoint error, got {other:?}"),
+        }
+    }
+    // A file that does not exist.
+    assert!(matches!(
+        checkpoint::load(std::path::Path::new("/nonexistent/w.safetensors"), &opts, &Device::Cpu),
+        Err(ModelError::Checkpoint { .. })
+    ));
+    // An unknown width without a head count cannot be guessed.
+    let mut no_cfg = weights.clone();
+    no_cfg.remove("nothing");
+    let raw_path = std::env::temp_dir().join(format!("crate-mae-nocfg-{}.safetensors", std::process::id()));
+    let tensors: Vec<(String, Tensor)> = no_cfg.into_iter().collect();
+    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), None, &raw_path)?;
+    let err = checkpoint::load(&raw_path, &LoadOptions::default(), &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("head count"), "{err}");
+    Ok(())
+}
