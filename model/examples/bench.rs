@@ -34,7 +34,11 @@ struct Args {
 }
 
 /// Runs `f` at least twice and for at least `min` seconds; returns images/s.
-fn images_per_second(batch: usize, min: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn images_per_second(
+    batch: usize,
+    min: Duration,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     f()?; // warm-up
     let start = Instant::now();
     let mut runs = 0;
@@ -50,7 +54,9 @@ fn main() -> Result<()> {
     let min = Duration::from_secs_f64(args.seconds);
     println!(
         "threads: {} (rayon), device: cpu",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     println!("| size | batch | encoder img/s | encoder GFLOP/s (paper count) | completion img/s | diagnostics overhead |");
     println!("|---|---|---|---|---|---|");
@@ -59,8 +65,13 @@ fn main() -> Result<()> {
         let weights = init::random_weights(&cfg, 0, &Device::Cpu)?;
         let model = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu)?;
         for &batch in &args.batches {
-            let x = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &Device::Cpu)?
-                .to_dtype(DType::F32)?;
+            let x = Tensor::randn(
+                0f32,
+                1.0,
+                (batch, 3, cfg.img_size, cfg.img_size),
+                &Device::Cpu,
+            )?
+            .to_dtype(DType::F32)?;
             let enc = images_per_second(batch, min, || {
                 model.embed_tokens(&x)?;
                 Ok(())

@@ -130,7 +130,10 @@ impl CrateMaeConfig {
 
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(ModelError::Config(m));
-        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0
+            || self.img_size == 0
+            || !self.img_size.is_multiple_of(self.patch_size)
+        {
             return fail(format!(
                 "img_size {} must be a positive multiple of patch_size {}",
                 self.img_size, self.patch_size
@@ -143,7 +146,7 @@ impl CrateMaeConfig {
             ("heads", self.heads),
             ("decoder_num_heads", self.decoder_num_heads),
         ] {
-            if heads == 0 || self.dim % heads != 0 {
+            if heads == 0 || !self.dim.is_multiple_of(heads) {
                 return fail(format!(
                     "dim {} is not divisible by {what} {heads}",
                     self.dim
@@ -183,7 +186,10 @@ impl CrateMaeConfig {
     /// `depth · (10·N·d² + 4·N²·d)`. Base: 15.605 GFLOPs.
     pub fn encoder_flops_per_image(&self) -> f64 {
         let (n, d) = (self.seq_len() as f64, self.dim as f64);
-        let embed = 2.0 * self.num_patches() as f64 * (self.in_chans * self.patch_size * self.patch_size) as f64 * d;
+        let embed = 2.0
+            * self.num_patches() as f64
+            * (self.in_chans * self.patch_size * self.patch_size) as f64
+            * d;
         embed + self.depth as f64 * (10.0 * n * d * d + 4.0 * n * n * d)
     }
 

@@ -29,7 +29,11 @@ fn model(cfg: &CrateMaeConfig, seed: u64) -> Result<CrateMae> {
 fn images(cfg: &CrateMaeConfig, batch: usize, seed: u64) -> Result<Tensor> {
     let noise = Mask::seeded_noise(batch, cfg.in_chans * cfg.img_size * cfg.img_size, seed);
     let flat: Vec<f32> = noise.into_iter().flatten().map(|v| 4.0 * v - 2.0).collect();
-    Ok(Tensor::from_vec(flat, (batch, cfg.in_chans, cfg.img_size, cfg.img_size), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        flat,
+        (batch, cfg.in_chans, cfg.img_size, cfg.img_size),
+        &Device::Cpu,
+    )?)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -49,7 +53,9 @@ fn one_image_alone_equals_the_same_image_inside_a_batch_of_five() -> Result<()> 
         let d = max_diff(&alone, &together.narrow(0, i, 1)?)?;
         assert!(d < 1e-5, "image {i}: embedding differs by {d}");
         let one_mask = Mask::from_indices(
-            &[(0..cfg.num_patches()).filter(|&l| mask.rows()[i][l]).collect()],
+            &[(0..cfg.num_patches())
+                .filter(|&l| mask.rows()[i][l])
+                .collect()],
             cfg.num_patches(),
         )?;
         let alone = m.complete(&batch.narrow(0, i, 1)?, &one_mask, &mut Taps::none())?;
@@ -98,7 +104,10 @@ fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
     let bump = Tensor::ones((1, 3, p, p), candle_core::DType::F32, &Device::Cpu)?;
     let mut changed = x.clone();
     let region = changed.i((0..1, .., pi * p..pi * p + p, pj * p..pj * p + p))?;
-    changed = changed.slice_assign(&[0..1, 0..3, pi * p..pi * p + p, pj * p..pj * p + p], &(region + bump)?)?;
+    changed = changed.slice_assign(
+        &[0..1, 0..3, pi * p..pi * p + p, pj * p..pj * p + p],
+        &(region + bump)?,
+    )?;
     let c = m.complete(&changed, &explicit, &mut Taps::none())?;
     assert!(max_diff(&a.pred, &c.pred)? < 1e-6);
     Ok(())
@@ -107,7 +116,14 @@ fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
 #[test]
 fn fused_ista_equals_the_three_matmul_form() -> Result<()> {
     let cfg = CrateMaeConfig::tiny();
-    let m = model(&CrateMaeConfig { depth: 1, decoder_depth: 1, ..cfg.clone() }, 8)?;
+    let m = model(
+        &CrateMaeConfig {
+            depth: 1,
+            decoder_depth: 1,
+            ..cfg.clone()
+        },
+        8,
+    )?;
     let ista = m.encoder_blocks()[0].ista();
     let values: Vec<f32> = Mask::seeded_noise(1, 50 * cfg.dim, 3)[0]
         .iter()
@@ -119,7 +135,11 @@ fn fused_ista_equals_the_three_matmul_form() -> Result<()> {
     let d = max_diff(&fused, &three)?;
     assert!(d < 1e-5, "fused vs three-matmul: {d}");
     // Both really are ISTA: sparse (some exact zeros) and not all zero.
-    let zeros = fused.eq(0f64)?.to_dtype(candle_core::DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    let zeros = fused
+        .eq(0f64)?
+        .to_dtype(candle_core::DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
     assert!(zeros > 0.05 && zeros < 0.95, "zero fraction {zeros}");
     Ok(())
 }
@@ -136,7 +156,10 @@ fn pooling_and_layer_tokens_have_the_documented_shapes() -> Result<()> {
     let mean = m.embed(&x, Pooling::Mean)?;
     assert!(max_diff(&mean, &tokens.i((.., 1..))?.mean(1)?)? < 1e-6);
     assert_eq!(m.layer_tokens(&x, 1)?.dims(), &[2, cfg.seq_len(), cfg.dim]);
-    assert_eq!(m.attention_maps(&x, 0)?.dims(), &[2, cfg.heads, cfg.seq_len(), cfg.seq_len()]);
+    assert_eq!(
+        m.attention_maps(&x, 0)?.dims(),
+        &[2, cfg.heads, cfg.seq_len(), cfg.seq_len()]
+    );
     assert!(matches!(m.layer_tokens(&x, 2), Err(ModelError::Input(_))));
     // Wrong image size is an input error, not a panic.
     let wrong = Tensor::zeros((1, 3, 31, 32), candle_core::DType::F32, &Device::Cpu)?;
@@ -164,7 +187,9 @@ fn layer_norm_and_softmax_fall_back_to_differentiable_ops_when_training() -> Res
     let loss = trainable.loss(&x, &out.pred, &out.mask, false)?;
     let grads = loss.backward()?;
     let dict = varmap.data().lock().unwrap()["blocks.0.layers.0.1.fn.weight"].clone();
-    let g = grads.get(&dict).expect("gradient reaches the ISTA dictionary");
+    let g = grads
+        .get(&dict)
+        .expect("gradient reaches the ISTA dictionary");
     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
     let reference = frozen.complete(&x, &mask, &mut Taps::none())?;
     assert!(max_diff(&out.pred.detach(), &reference.pred)? < 1e-4);
@@ -175,7 +200,10 @@ fn write_temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("crate-mae-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
     path
 }
 
@@ -189,7 +217,8 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     };
 
     // A good file round-trips with its configuration embedded.
-    let good = std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
+    let good =
+        std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
     checkpoint::save_safetensors(&weights, &cfg, &good)?;
     let (m, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
     assert_eq!(m.config(), &cfg);
@@ -198,7 +227,10 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // Missing tensor.
     let mut missing = weights.clone();
     missing.remove("blocks.1.layers.0.1.fn.weight");
-    let path = std::env::temp_dir().join(format!("crate-mae-missing-{}.safetensors", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "crate-mae-missing-{}.safetensors",
+        std::process::id()
+    ));
     checkpoint::save_safetensors(&missing, &cfg, &path)?;
     match checkpoint::load(&path, &opts, &Device::Cpu) {
         Err(ModelError::MissingTensor { name, expected }) => {
@@ -210,7 +242,10 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
 
     // Mis-shaped tensor.
     let mut misshaped = weights.clone();
-    misshaped.insert("norm.weight".into(), Tensor::ones(63, candle_core::DType::F32, &Device::Cpu)?);
+    misshaped.insert(
+        "norm.weight".into(),
+        Tensor::ones(63, candle_core::DType::F32, &Device::Cpu)?,
+    );
     checkpoint::save_safetensors(&misshaped, &cfg, &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(
@@ -222,11 +257,30 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // Garbage, empty, truncated safetensors, truncated and non-PyTorch zip: errors, no panics.
     let good_bytes = std::fs::read(&good)?;
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage.bin", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+        (
+            "garbage.bin",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
         ("empty.safetensors", vec![]),
-        ("truncated.safetensors", good_bytes[..good_bytes.len() / 2].to_vec()),
-        ("truncated.pth", std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/golden/set_a/checkpoint.pth")).map(|b| b[..b.len() / 3].to_vec()).unwrap_or_else(|_| b"PK\x03\x04junk".to_vec())),
-        ("zip.pth", b"PK\x03\x04\x14\x00\x00\x00\x08\x00garbage-after-a-zip-magic".to_vec()),
+        (
+            "truncated.safetensors",
+            good_bytes[..good_bytes.len() / 2].to_vec(),
+        ),
+        (
+            "truncated.pth",
+            std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/golden/set_a/checkpoint.pth"
+            ))
+            .map(|b| b[..b.len() / 3].to_vec())
+            .unwrap_or_else(|_| b"PK\x03\x04junk".to_vec()),
+        ),
+        (
+            "zip.pth",
+            b"PK\x03\x04\x14\x00\x00\x00\x08\x00garbage-after-a-zip-magic".to_vec(),
+        ),
     ];
     for (name, bytes) in cases {
         let path = write_temp(name, &bytes);
@@ -240,15 +294,26 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     }
     // A file that does not exist.
     assert!(matches!(
-        checkpoint::load(std::path::Path::new("/nonexistent/w.safetensors"), &opts, &Device::Cpu),
+        checkpoint::load(
+            std::path::Path::new("/nonexistent/w.safetensors"),
+            &opts,
+            &Device::Cpu
+        ),
         Err(ModelError::Checkpoint { .. })
     ));
     // An unknown width without a head count cannot be guessed.
     let mut no_cfg = weights.clone();
     no_cfg.remove("nothing");
-    let raw_path = std::env::temp_dir().join(format!("crate-mae-nocfg-{}.safetensors", std::process::id()));
+    let raw_path = std::env::temp_dir().join(format!(
+        "crate-mae-nocfg-{}.safetensors",
+        std::process::id()
+    ));
     let tensors: Vec<(String, Tensor)> = no_cfg.into_iter().collect();
-    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), None, &raw_path)?;
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, t)| (k.as_str(), t)),
+        None,
+        &raw_path,
+    )?;
     let err = checkpoint::load(&raw_path, &LoadOptions::default(), &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("head count"), "{err}");
     Ok(())

@@ -1,0 +1,593 @@
+//! `crate-mae-cli`: a command-line client for the CRATE-MAE gRPC server.
+//!
+//! Subcommands: `embed` (one embedding per image), `complete` (masked completion, written as a
+//! side-by-side PNG: original | masked input | reconstruction), `info` (GetModelInfo as JSON)
+//! and `health` (gRPC health check; exit 0 only when SERVING).
+//!
+//! Examples:
+//!
+//! ```text
+//! crate-mae-cli --addr http://127.0.0.1:50051 embed --pooling mean --normalize cat.png dog.jpg
+//! crate-mae-cli complete cat.png -o cat_completion.png --mask-ratio 0.75 --seed 7
+//! crate-mae-cli info
+//! crate-mae-cli health
+//! ```
+//!
+//! Exit codes: 0 success, 1 health check answered but not SERVING, 2 gRPC or local error
+//! (the gRPC status code and message are printed to stderr).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use crate_mae_server::pb;
+use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
+use image::{imageops::FilterType, GenericImageView, RgbImage};
+use serde_json::{json, Value};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Largest response the client accepts (embeddings with patch tokens can be large).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// White gap between the panels of the `complete` output.
+const PANEL_GAP: u32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crate-mae-cli",
+    version,
+    about = "Command-line client for the CRATE-MAE gRPC server"
+)]
+struct Cli {
+    /// Server address.
+    #[arg(long, env = "CRATE_MAE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Per-call deadline in seconds (also sent to the server as grpc-timeout).
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "CRATE_MAE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Embed images (one request, one embedding per image, in order).
+    Embed {
+        /// PNG or JPEG files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Pooling of the encoder tokens.
+        #[arg(long, value_enum, default_value_t = PoolingArg::Cls)]
+        pooling: PoolingArg,
+        /// Scale each embedding to unit L2 norm.
+        #[arg(long)]
+        normalize: bool,
+        /// Pool the output of this encoder layer (0-based) instead of the final tokens.
+        #[arg(long)]
+        layer: Option<u32>,
+        /// Request per-layer white-box diagnostics (to stderr, or in the JSON output).
+        #[arg(long)]
+        diagnostics: bool,
+        /// Print a JSON array of {path, embedding, diagnostics} instead of TSV lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mask patches of an image, let the model fill them in, write a side-by-side PNG.
+    Complete {
+        /// PNG or JPEG file.
+        image: PathBuf,
+        /// Output image: original | masked input | reconstruction.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Fraction of patches to hide, in [0, 1).
+        #[arg(long, default_value_t = 0.75)]
+        mask_ratio: f32,
+        /// Seed of the random mask.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Hide exactly these patches (row-major indices) instead of a random mask.
+        #[arg(long, value_delimiter = ',')]
+        mask_patches: Vec<u32>,
+        /// Also write the raw reconstruction PNG (every patch predicted) here.
+        #[arg(long)]
+        raw_output: Option<PathBuf>,
+    },
+    /// Print the served model's configuration as JSON.
+    Info,
+    /// gRPC health check; exits 0 only if SERVING.
+    Health {
+        /// Service name ("" = the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PoolingArg {
+    Cls,
+    Mean,
+}
+
+impl From<PoolingArg> for pb::Pooling {
+    fn from(p: PoolingArg) -> Self {
+        match p {
+            PoolingArg::Cls => pb::Pooling::Cls,
+            PoolingArg::Mean => pb::Pooling::Mean,
+        }
+    }
+}
+
+/// What makes the CLI fail: a gRPC status (from the server or the transport) or a local error.
+enum Failure {
+    Grpc(Status),
+    Local(anyhow::Error),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Grpc(s)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Local(e)
+    }
+}
+
+type CliResult<T> = Result<T, Failure>;
+
+/// Connection and per-call settings shared by all subcommands.
+struct Ctx {
+    channel: Channel,
+    timeout: Duration,
+    auth: Option<MetadataValue<Ascii>>,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
+            anyhow::bail!("--timeout must be a positive number of seconds");
+        }
+        let timeout = Duration::from_secs_f64(cli.timeout);
+        let endpoint = Endpoint::from_shared(cli.addr.clone())
+            .map_err(|e| anyhow::anyhow!("invalid --addr {:?}: {e}", cli.addr))?
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .tcp_nodelay(true);
+        // Lazy: connection failures surface as UNAVAILABLE statuses on the first call.
+        let channel = endpoint.connect_lazy();
+        let auth = match &cli.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        anyhow::anyhow!("--token contains characters not allowed in gRPC metadata")
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Ctx {
+            channel,
+            timeout,
+            auth,
+        })
+    }
+
+    fn client(&self) -> CrateMaeClient<Channel> {
+        CrateMaeClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        req.set_timeout(self.timeout);
+        if let Some(auth) = &self.auth {
+            req.metadata_mut().insert("authorization", auth.clone());
+        }
+        req
+    }
+
+    /// Runs one call under the client-side deadline (DEADLINE_EXCEEDED when it elapses).
+    async fn call<T, F>(&self, fut: F) -> Result<T, Status>
+    where
+        F: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, fut).await {
+            // A server honouring grpc-timeout (tonic's does) answers CANCELLED "Timeout
+            // expired" when the deadline passes: from here, the deadline was exceeded.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && started.elapsed() >= self.timeout =>
+            {
+                Err(Status::deadline_exceeded(format!(
+                    "deadline exceeded after {:.3} s (server: {})",
+                    self.timeout.as_secs_f64(),
+                    status.message()
+                )))
+            }
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no response within {:.3} s (client deadline)",
+                self.timeout.as_secs_f64()
+            ))),
+        }
+    }
+}
+
+/// The canonical gRPC name of a status code (`RESOURCE_EXHAUSTED`, ...).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The status message, followed by the messages of its source chain (transport errors) that
+/// add something, e.g. "tcp connect error: Connection refused (os error 111)".
+fn status_detail(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        let msg = err.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = err.source();
+    }
+    text
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+fn encoded_image(bytes: Vec<u8>) -> pb::Image {
+    pb::Image {
+        encoded: bytes,
+        tensor: None,
+    }
+}
+
+fn diagnostics_json(diags: &[pb::LayerDiagnostics]) -> Value {
+    Value::Array(
+        diags
+            .iter()
+            .map(|d| {
+                json!({
+                    "layer": d.layer,
+                    "coding_rate": d.coding_rate,
+                    "expansion_rate": d.expansion_rate,
+                    "rate_reduction": d.rate_reduction,
+                    "sparsity": d.sparsity,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn timing_text(t: Option<&pb::Timing>) -> String {
+    match t {
+        Some(t) => format!(
+            "queue {:.2} ms, inference {:.2} ms, batch of {}",
+            t.queue_seconds * 1e3,
+            t.inference_seconds * 1e3,
+            t.batch_size
+        ),
+        None => "no server timing".to_string(),
+    }
+}
+
+async fn embed(
+    ctx: &Ctx,
+    images: &[PathBuf],
+    pooling: PoolingArg,
+    normalize: bool,
+    layer: Option<u32>,
+    diagnostics: bool,
+    as_json: bool,
+) -> CliResult<()> {
+    let encoded = images
+        .iter()
+        .map(|p| read_file(p).map(encoded_image))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let request = pb::EmbedRequest {
+        images: encoded,
+        pooling: pb::Pooling::from(pooling) as i32,
+        layer,
+        normalize,
+        include_diagnostics: diagnostics,
+        ..Default::default()
+    };
+    let mut client = ctx.client();
+    let started = Instant::now();
+    let response = ctx.call(client.embed(ctx.request(request))).await?;
+    let elapsed = started.elapsed();
+    if response.embeddings.len() != images.len() {
+        return Err(anyhow::anyhow!(
+            "server returned {} embeddings for {} images",
+            response.embeddings.len(),
+            images.len()
+        )
+        .into());
+    }
+
+    if as_json {
+        let items: Vec<Value> = images
+            .iter()
+            .zip(&response.embeddings)
+            .map(|(path, emb)| {
+                let mut obj = json!({
+                    "path": path.display().to_string(),
+                    "embedding": emb.values,
+                });
+                if diagnostics {
+                    obj["diagnostics"] = diagnostics_json(&emb.diagnostics);
+                }
+                obj
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Array(items)).map_err(anyhow::Error::from)?
+        );
+    } else {
+        for (path, emb) in images.iter().zip(&response.embeddings) {
+            let values: Vec<String> = emb.values.iter().map(|v| v.to_string()).collect();
+            println!("{}\t{}", path.display(), values.join(","));
+            if diagnostics {
+                for d in &emb.diagnostics {
+                    eprintln!(
+                        "{}\tlayer {:>2}  R {:>10.4}  R^c {:>10.4}  R-R^c {:>10.4}  sparsity {:.4}",
+                        path.display(),
+                        d.layer,
+                        d.expansion_rate,
+                        d.coding_rate,
+                        d.rate_reduction,
+                        d.sparsity
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} embeddings of dim {} in {:.2} ms ({})",
+        response.embeddings.len(),
+        response.dim,
+        elapsed.as_secs_f64() * 1e3,
+        timing_text(response.timing.as_ref())
+    );
+    Ok(())
+}
+
+/// Decodes `bytes`, resizes the shorter side to `size` and centre-crops to `size` x `size`
+/// (the server's preprocessing, for display).
+fn preprocess_for_display(bytes: &[u8], size: u32) -> anyhow::Result<RgbImage> {
+    let img = image::load_from_memory(bytes)?;
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        anyhow::bail!("empty image");
+    }
+    let scale = size as f64 / w.min(h) as f64;
+    let nw = ((w as f64 * scale).round() as u32).max(size);
+    let nh = ((h as f64 * scale).round() as u32).max(size);
+    let resized = image::imageops::resize(&img.to_rgb8(), nw, nh, FilterType::CatmullRom);
+    let x = (nw - size) / 2;
+    let y = (nh - size) / 2;
+    Ok(image::imageops::crop_imm(&resized, x, y, size, size).to_image())
+}
+
+fn decode_png(bytes: &[u8], what: &str) -> anyhow::Result<RgbImage> {
+    image::load_from_memory(bytes)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| anyhow::anyhow!("cannot decode the server's {what} image: {e}"))
+}
+
+/// Panels left to right on a white canvas, `PANEL_GAP` pixels apart, top-aligned.
+fn side_by_side(panels: &[&RgbImage]) -> RgbImage {
+    let width = panels.iter().map(|p| p.width()).sum::<u32>()
+        + PANEL_GAP * (panels.len().saturating_sub(1) as u32);
+    let height = panels.iter().map(|p| p.height()).max().unwrap_or(0);
+    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let mut x = 0i64;
+    for p in panels {
+        image::imageops::replace(&mut canvas, *p, x, 0);
+        x += (p.width() + PANEL_GAP) as i64;
+    }
+    canvas
+}
+
+async fn complete(
+    ctx: &Ctx,
+    image_path: &Path,
+    output: &Path,
+    mask_ratio: f32,
+    seed: u64,
+    mask_patches: Vec<u32>,
+    raw_output: Option<&Path>,
+) -> CliResult<()> {
+    let bytes = read_file(image_path)?;
+    let mut client = ctx.client();
+    let info = ctx
+        .call(client.get_model_info(ctx.request(pb::GetModelInfoRequest {})))
+        .await?;
+    let original = preprocess_for_display(&bytes, info.image_size)
+        .map_err(|e| anyhow::anyhow!("cannot decode {}: {e}", image_path.display()))?;
+
+    let request = pb::CompleteRequest {
+        image: Some(encoded_image(bytes)),
+        mask_ratio,
+        seed,
+        masked_patches: mask_patches,
+        include_diagnostics: false,
+    };
+    let started = Instant::now();
+    let response = ctx.call(client.complete(ctx.request(request))).await?;
+    let elapsed = started.elapsed();
+
+    let masked = decode_png(&response.masked_input, "masked_input")?;
+    let composite = decode_png(&response.composite, "composite")?;
+    let canvas = side_by_side(&[&original, &masked, &composite]);
+    canvas
+        .save(output)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    if let Some(raw) = raw_output {
+        std::fs::write(raw, &response.reconstruction)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", raw.display()))?;
+    }
+
+    let grid = response.grid_size;
+    eprintln!(
+        "masked {} of {} patches (grid {grid}x{grid}); masked_patch_mse {:.6}",
+        response.masked_patches.len(),
+        grid * grid,
+        response.masked_patch_mse
+    );
+    eprintln!(
+        "round trip {:.2} ms ({})",
+        elapsed.as_secs_f64() * 1e3,
+        timing_text(response.timing.as_ref())
+    );
+    eprintln!("wrote {}", output.display());
+    if let Some(raw) = raw_output {
+        eprintln!("wrote {}", raw.display());
+    }
+    Ok(())
+}
+
+fn model_info_json(m: &pb::ModelInfo) -> Value {
+    json!({
+        "name": m.name,
+        "version": m.version,
+        "image_size": m.image_size,
+        "patch_size": m.patch_size,
+        "in_chans": m.in_chans,
+        "dim": m.dim,
+        "depth": m.depth,
+        "heads": m.heads,
+        "decoder_depth": m.decoder_depth,
+        "ista_step_size": m.ista_step_size,
+        "lambd": m.lambd,
+        "parameter_count": m.parameter_count,
+        "mean": m.mean,
+        "std": m.std,
+        "weights_source": m.weights_source,
+        "weights_sha256": m.weights_sha256,
+        "weights_format": m.weights_format,
+        "random_weights": m.random_weights,
+        "device": m.device,
+        "diagnostics_available": m.diagnostics_available,
+        "diagnostics": m.diagnostics,
+        "max_batch_size": m.max_batch_size,
+        "max_images_per_request": m.max_images_per_request,
+    })
+}
+
+async fn info(ctx: &Ctx) -> CliResult<()> {
+    let mut client = ctx.client();
+    let info = ctx
+        .call(client.get_model_info(ctx.request(pb::GetModelInfoRequest {})))
+        .await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&model_info_json(&info)).map_err(anyhow::Error::from)?
+    );
+    Ok(())
+}
+
+/// Returns whether the service is SERVING.
+async fn health(ctx: &Ctx, service: String) -> CliResult<bool> {
+    let mut client = HealthClient::new(ctx.channel.clone());
+    let response = ctx
+        .call(client.check(ctx.request(HealthCheckRequest { service })))
+        .await?;
+    let status = ServingStatus::try_from(response.status);
+    match status {
+        Ok(s) => println!("{}", s.as_str_name()),
+        Err(_) => println!("UNRECOGNISED({})", response.status),
+    }
+    Ok(status == Ok(ServingStatus::Serving))
+}
+
+async fn run(cli: Cli) -> CliResult<ExitCode> {
+    let ctx = Ctx::new(&cli)?;
+    match cli.command {
+        Command::Embed {
+            images,
+            pooling,
+            normalize,
+            layer,
+            diagnostics,
+            json,
+        } => embed(&ctx, &images, pooling, normalize, layer, diagnostics, json).await?,
+        Command::Complete {
+            image,
+            output,
+            mask_ratio,
+            seed,
+            mask_patches,
+            raw_output,
+        } => {
+            complete(
+                &ctx,
+                &image,
+                &output,
+                mask_ratio,
+                seed,
+                mask_patches,
+                raw_output.as_deref(),
+            )
+            .await?
+        }
+        Command::Info => info(&ctx).await?,
+        Command::Health { service } => {
+            if !health(&ctx, service).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(Failure::Grpc(status)) => {
+            eprintln!(
+                "error: {}: {}",
+                code_name(status.code()),
+                status_detail(&status)
+            );
+            ExitCode::from(2)
+        }
+        Err(Failure::Local(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

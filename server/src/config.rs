@@ -1,0 +1,138 @@
+//! Server configuration: one struct, clap flags with `CRATE_MAE_*` environment fallbacks,
+//! defaults that run out of the box.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "crate-mae-server",
+    version,
+    about = "Serve CRATE-MAE embeddings and masked completion over gRPC"
+)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "CRATE_MAE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "CRATE_MAE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Weights (safetensors or PyTorch .pth). Default: the model built into the binary.
+    #[arg(long, env = "CRATE_MAE_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+
+    /// Official preset (tiny, small, base, large) giving the head count and hyperparameters
+    /// for a checkpoint that does not carry its configuration; or, with no weights and
+    /// `--random-weights`, the size of the random model.
+    #[arg(long, env = "CRATE_MAE_PRESET")]
+    pub preset: Option<String>,
+
+    /// Head count for a checkpoint of non-official width.
+    #[arg(long, env = "CRATE_MAE_HEADS")]
+    pub heads: Option<usize>,
+
+    /// Serve a seeded random-init model instead of the built-in one (benchmarks, tests).
+    #[arg(long, env = "CRATE_MAE_RANDOM_WEIGHTS")]
+    pub random_weights: bool,
+
+    /// Seed of the random-init model.
+    #[arg(long, env = "CRATE_MAE_SEED", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Image size of the random-init model (overrides the preset's 224).
+    #[arg(long, env = "CRATE_MAE_IMAGE_SIZE")]
+    pub image_size: Option<usize>,
+
+    /// cpu, cuda[:N] or metal[:N] (the GPU ones need the matching cargo feature).
+    #[arg(long, env = "CRATE_MAE_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Most images in one model batch.
+    #[arg(long, env = "CRATE_MAE_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+
+    /// How long a batch may wait for more work once the worker is free (0: never wait).
+    #[arg(long, env = "CRATE_MAE_MAX_BATCH_DELAY_MS", default_value_t = 0)]
+    pub max_batch_delay_ms: u64,
+
+    /// Images admitted but not yet finished, across both queues; more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CRATE_MAE_MAX_QUEUE_IMAGES", default_value_t = 256)]
+    pub max_queue_images: usize,
+
+    /// Most images in one request.
+    #[arg(long, env = "CRATE_MAE_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
+    pub max_images_per_request: usize,
+
+    /// Largest decoded image, in pixels (width × height); guards against decompression bombs.
+    #[arg(long, env = "CRATE_MAE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest gRPC message, in MiB.
+    #[arg(long, env = "CRATE_MAE_MAX_MESSAGE_MIB", default_value_t = 64)]
+    pub max_message_mib: usize,
+
+    /// Relative cost of one completion image against one embedding image, for fair sharing
+    /// of the worker between the two queues.
+    #[arg(long, env = "CRATE_MAE_COMPLETE_COST", default_value_t = 2.0)]
+    pub complete_cost: f64,
+
+    /// Compute rate-reduction diagnostics for Prometheus on every Nth embedding batch
+    /// (0: never). Requests asking for diagnostics always get them.
+    #[arg(long, env = "CRATE_MAE_DIAGNOSTICS_EVERY", default_value_t = 10)]
+    pub diagnostics_every: u64,
+
+    /// On SIGTERM/SIGINT, how long to let accepted requests finish before exiting anyway.
+    #[arg(long, env = "CRATE_MAE_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
+    pub drain_timeout_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "CRATE_MAE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (`RUST_LOG` syntax), e.g. `info,crate_mae_server=debug`.
+    #[arg(long, env = "CRATE_MAE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_batch_size >= 1,
+            "--max-batch-size must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_queue_images >= self.max_images_per_request,
+            "--max-queue-images ({}) must be at least --max-images-per-request ({})",
+            self.max_queue_images,
+            self.max_images_per_request
+        );
+        anyhow::ensure!(
+            self.max_images_per_request >= 1,
+            "--max-images-per-request must be at least 1"
+        );
+        anyhow::ensure!(
+            self.complete_cost.is_finite() && self.complete_cost > 0.0,
+            "--complete-cost must be positive"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! Errors of the serving path, each mapped to the gRPC status a client can act on.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The request itself is wrong (bad image, bad shape, bad parameter).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A parameter is well-formed but outside what this model supports.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A limit was hit (queue full, too many images, too many pixels).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server is shutting down or the worker is gone.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client's deadline passed before the work could run.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The client went away.
+    #[error("{0}")]
+    Cancelled(String),
+    /// A failure inside the model: a bug, not the client's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::OutOfRange(_) => Code::OutOfRange,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Cancelled(_) => Code::Cancelled,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<crate_mae::ModelError> for ServeError {
+    fn from(e: crate_mae::ModelError) -> Self {
+        match e {
+            crate_mae::ModelError::Input(msg) => Self::InvalidArgument(msg),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Pixels in and out: decode PNG/JPEG within limits, convert to RGB, resize the shorter side
+//! and centre-crop to the model's size, normalise; and the reverse for PNG responses.
+//!
+//! Runs on the blocking pool, never on the model thread.
+
+use std::io::Cursor;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
+
+use crate::error::ServeError;
+
+/// What the model expects.
+#[derive(Debug, Clone)]
+pub struct Preprocessing {
+    pub image_size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub max_pixels: u64,
+}
+
+/// A preprocessed image: `[3, S, S]` normalised, row-major.
+pub type Pixels = Vec<f32>;
+
+impl Preprocessing {
+    /// Decodes and preprocesses one encoded image.
+    pub fn encoded(&self, bytes: &[u8]) -> Result<Pixels, ServeError> {
+        Ok(self.normalise(&self.decode_square(bytes)?))
+    }
+
+    /// Decodes to RGB and resizes/crops to `S × S` (no normalisation): also what clients see
+    /// as "the original" in completion pictures.
+    pub fn decode_square(&self, bytes: &[u8]) -> Result<RgbImage, ServeError> {
+        if bytes.is_empty() {
+            return Err(ServeError::invalid("image is empty (0 bytes)"));
+        }
+        let format = image::guess_format(bytes).map_err(|_| {
+            ServeError::invalid("image is not a PNG or JPEG file (unrecognised header)")
+        })?;
+        if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg) {
+            return Err(ServeError::invalid(format!(
+                "image format {format:?} is not supported: send PNG or JPEG"
+            )));
+        }
+        let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+        let (w, h) = reader()
+            .into_dimensions()
+            .map_err(|e| ServeError::invalid(format!("cannot read the {format:?} header: {e}")))?;
+        let pixels = u64::from(w) * u64::from(h);
+        if w == 0 || h == 0 {
+            return Err(ServeError::invalid(format!(
+                "image has zero size ({w}×{h})"
+            )));
+        }
+        if pixels > self.max_pixels {
+            return Err(ServeError::ResourceExhausted(format!(
+                "image is {w}×{h} = {pixels} pixels, above the limit of {}",
+                self.max_pixels
+            )));
+        }
+        let mut reader = reader();
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        // RGBA16 worst case plus decoder scratch.
+        limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+        reader.limits(limits);
+        let decoded = reader
+            .decode()
+            .map_err(|e| ServeError::invalid(format!("cannot decode the {format:?} image: {e}")))?;
+        Ok(self.square(decoded))
+    }
+
+    /// Centre square of the shorter side, resized to `S × S`: the same framing as "resize the
+    /// shorter side to S, centre-crop S × S", but cropping first keeps 1×N images small.
+    fn square(&self, image: DynamicImage) -> RgbImage {
+        let rgb = image.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let side = w.min(h);
+        let cropped =
+            image::imageops::crop_imm(&rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
+        let s = self.image_size;
+        if side == s {
+            cropped
+        } else {
+            image::imageops::resize(&cropped, s, s, FilterType::Triangle)
+        }
+    }
+
+    /// `[3, S, S]` with `(x/255 − mean)/std` per channel.
+    pub fn normalise(&self, rgb: &RgbImage) -> Pixels {
+        let (w, h) = rgb.dimensions();
+        let plane = (w * h) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, px) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (f32::from(px[c]) / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+
+    /// Checks a client-preprocessed tensor.
+    pub fn raw(&self, shape: &[u32], data: Vec<f32>) -> Result<Pixels, ServeError> {
+        let s = self.image_size;
+        if shape != [3, s, s] {
+            return Err(ServeError::invalid(format!(
+                "raw tensor shape must be [3, {s}, {s}], got {shape:?}"
+            )));
+        }
+        if data.len() != (3 * s * s) as usize {
+            return Err(ServeError::invalid(format!(
+                "raw tensor has {} values, shape [3, {s}, {s}] needs {}",
+                data.len(),
+                3 * s * s
+            )));
+        }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(ServeError::invalid(format!(
+                "raw tensor value {i} is {} (NaN/Inf are not allowed)",
+                data[i]
+            )));
+        }
+        Ok(data)
+    }
+
+    /// `[3, S, S]` normalised pixels back to an 8-bit RGB image (clamped).
+    pub fn to_rgb(&self, pixels: &[f32]) -> RgbImage {
+        let s = self.image_size;
+        let plane = (s * s) as usize;
+        RgbImage::from_fn(s, s, |x, y| {
+            let i = (y * s + x) as usize;
+            image::Rgb(std::array::from_fn(|c| {
+                let v = pixels[c * plane + i] * self.std[c] + self.mean[c];
+                (v.clamp(0.0, 1.0) * 255.0).round() as u8
+            }))
+        })
+    }
+
+    /// Normalised pixels with the masked patches painted mid-grey: what the encoder was shown.
+    pub fn masked_view(&self, pixels: &[f32], masked: &[bool], patch: u32) -> RgbImage {
+        let mut rgb = self.to_rgb(pixels);
+        let grid = self.image_size / patch;
+        for (l, _) in masked.iter().enumerate().filter(|(_, m)| **m) {
+            let (pi, pj) = (l as u32 / grid, l as u32 % grid);
+            for y in pi * patch..(pi + 1) * patch {
+                for x in pj * patch..(pj + 1) * patch {
+                    rgb.put_pixel(x, y, image::Rgb([128, 128, 128]));
+                }
+            }
+        }
+        rgb
+    }
+}
+
+pub fn png(image: &RgbImage) -> Result<Vec<u8>, ServeError> {
+    let mut out = Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| ServeError::Internal(format!("PNG encoding failed: {e}")))?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prep() -> Preprocessing {
+        Preprocessing {
+            image_size: 32,
+            mean: crate_mae::config::IMAGENET_MEAN,
+            std: crate_mae::config::IMAGENET_STD,
+            max_pixels: 1 << 20,
+        }
+    }
+
+    fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn round_trip_keeps_pixels_within_quantisation() {
+        let img = RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 8) as u8, 100])
+        });
+        let bytes = encode(DynamicImage::ImageRgb8(img.clone()), ImageFormat::Png);
+        let p = prep();
+        let back = p.to_rgb(&p.encoded(&bytes).unwrap());
+        assert_eq!(back, img);
+    }
+
+    #[test]
+    fn long_thin_images_are_centre_cropped_not_stretched() {
+        // 8 × 200: the centre 8 × 8 square is kept, then scaled to 32 × 32.
+        let img = RgbImage::from_fn(8, 200, |_, y| {
+            if (96..104).contains(&y) {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let bytes = encode(DynamicImage::ImageRgb8(img), ImageFormat::Png);
+        let sq = prep().decode_square(&bytes).unwrap();
+        assert_eq!(sq.dimensions(), (32, 32));
+        assert_eq!(sq.get_pixel(16, 16)[0], 255);
+    }
+
+    #[test]
+    fn grey_alpha_and_16_bit_become_rgb() {
+        let grey = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+            40,
+            40,
+            image::Luma([65535u16]),
+        ));
+        let rgba = DynamicImage::ImageRgba8(image::ImageBuffer::from_pixel(
+            40,
+            40,
+            image::Rgba([10, 20, 30, 0]),
+        ));
+        for img in [grey, rgba] {
+            let bytes = encode(img, ImageFormat::Png);
+            assert_eq!(prep().encoded(&bytes).unwrap().len(), 3 * 32 * 32);
+        }
+    }
+
+    #[test]
+    fn bad_images_are_named() {
+        let p = prep();
+        let msg = |r: Result<Pixels, ServeError>| r.unwrap_err().to_string();
+        assert!(msg(p.encoded(b"")).contains("empty"));
+        assert!(msg(p.encoded(b"hello world, not an image")).contains("not a PNG or JPEG"));
+        let bytes = encode(
+            DynamicImage::ImageRgb8(RgbImage::new(64, 64)),
+            ImageFormat::Png,
+        );
+        assert!(msg(p.encoded(&bytes[..bytes.len() / 2])).contains("decode"));
+        let big = encode(
+            DynamicImage::ImageRgb8(RgbImage::new(2048, 1024)),
+            ImageFormat::Png,
+        );
+        assert!(matches!(
+            p.encoded(&big),
+            Err(ServeError::ResourceExhausted(_))
+        ));
+        assert!(msg(p.raw(&[3, 32], vec![0.0; 3 * 32])).contains("shape"));
+        let mut nan = vec![0.0; 3 * 32 * 32];
+        nan[5] = f32::NAN;
+        assert!(msg(p.raw(&[3, 32, 32], nan)).contains("NaN"));
+    }
+}

@@ -1,0 +1,186 @@
+//! CRATE-MAE over gRPC.
+//!
+//! Data flows one way: [`service`] (transport: validate, preprocess via [`imaging`]) →
+//! [`batching`] (admission, queues, batch formation) → [`worker`] (the model thread) → back
+//! through [`service`]. [`telemetry`] holds logs and metrics; [`config`] the one config struct.
+
+pub mod batching;
+pub mod config;
+pub mod error;
+pub mod imaging;
+pub mod model_source;
+pub mod service;
+pub mod telemetry;
+pub mod worker;
+
+pub mod pb {
+    tonic::include_proto!("cratemae.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/cratemae_descriptor.bin"));
+}
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::batching::{Admission, Queues};
+use crate::config::Config;
+use crate::imaging::Preprocessing;
+use crate::service::{AppState, CrateMaeService, Ready};
+use crate::worker::{Worker, WorkerOptions};
+
+/// The model service's name for health checks.
+pub const SERVICE_NAME: &str = "cratemae.v1.CrateMae";
+
+/// Runs until `shutdown` resolves, then drains: NOT_SERVING, stop accepting, finish what
+/// was accepted (bounded by the drain timeout), stop the worker.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.validate()?;
+    telemetry::init_metrics(
+        config.metrics_addr,
+        &[
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("device", config.device.clone()),
+        ],
+    )
+    .context("starting the metrics listener")?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let set_health = |status: ServingStatus| {
+        let health = health.clone();
+        async move {
+            health.set_service_status("", status).await;
+            health.set_service_status(SERVICE_NAME, status).await;
+        }
+    };
+    set_health(ServingStatus::NotServing).await;
+
+    let queues = Queues::new(
+        config.max_batch_size,
+        config.max_batch_delay(),
+        config.complete_cost,
+    );
+    let state = Arc::new(AppState {
+        queues: Arc::clone(&queues),
+        admission: Admission::new(config.max_queue_images),
+        max_images_per_request: config.max_images_per_request,
+        max_image_pixels: config.max_image_pixels,
+        ready: OnceLock::new(),
+        draining: Default::default(),
+    });
+
+    // The model loads on its own thread (it owns the device) while gRPC already answers
+    // health checks with NOT_SERVING.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let load_config = config.clone();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+    let worker = Worker::start(
+        Arc::clone(&queues),
+        WorkerOptions {
+            diagnostics_every: config.diagnostics_every,
+            panic_trigger: std::env::var("CRATE_MAE_FAULT_INJECTION_VALUE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        },
+        move || {
+            let loaded = model_source::load(&load_config)?;
+            let info = model_source::model_info(&loaded, &load_config);
+            let _ = loaded_tx.send((info, loaded.info.clone()));
+            Ok(loaded.model)
+        },
+        ready_tx,
+    )?;
+
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
+    tracing::info!(grpc = %listener.local_addr()?, metrics = %config.metrics_addr, "listening");
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let limit = config.max_message_mib << 20;
+    let service =
+        pb::crate_mae_server::CrateMaeServer::new(CrateMaeService::new(Arc::clone(&state)))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    tokio::pin!(shutdown);
+    tokio::select! {
+        loaded = ready_rx => match loaded {
+            Ok(Ok(model)) => {
+                let (info, weights) = loaded_rx.recv().context("model info")?;
+                telemetry::register_layers(model.config().depth, &weights.source);
+                tracing::info!(model = %info.name, weights = %weights.source, sha256 = %weights.sha256, device = %info.device, "model ready");
+                let cfg = model.config();
+                let _ = state.ready.set(Ready {
+                    prep: Preprocessing {
+                        image_size: cfg.img_size as u32,
+                        mean: cfg.mean,
+                        std: cfg.std,
+                        max_pixels: config.max_image_pixels,
+                    },
+                    info,
+                    model,
+                });
+                set_health(ServingStatus::Serving).await;
+            }
+            Ok(Err(e)) => {
+                queues.close();
+                anyhow::bail!("loading the model failed: {e}");
+            }
+            Err(_) => anyhow::bail!("the model thread exited during loading"),
+        },
+        _ = &mut shutdown => {
+            tracing::info!("shutdown requested while loading");
+        }
+    }
+    if state.ready.get().is_some() {
+        shutdown.await;
+    }
+
+    tracing::info!(
+        in_flight_images = state.admission.in_flight(),
+        "shutting down: NOT_SERVING, draining"
+    );
+    state.draining.store(true, Ordering::Release);
+    set_health(ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(config.drain_timeout(), server).await;
+    queues.close();
+    match drained {
+        Ok(result) => {
+            result.context("gRPC server task")?.context("gRPC server")?;
+            let join = tokio::task::spawn_blocking(move || worker.join());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), join).await;
+            tracing::info!("drained; exiting");
+        }
+        Err(_) => tracing::warn!(
+            timeout_secs = config.drain_timeout_secs,
+            left = state.admission.in_flight(),
+            "drain timeout reached; exiting with requests unfinished"
+        ),
+    }
+    Ok(())
+}

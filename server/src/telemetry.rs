@@ -1,0 +1,228 @@
+//! Logs and metrics. Every Prometheus series is registered at start (so `/metrics` is
+//! complete before the first request); names follow Prometheus conventions: base units,
+//! `_total` counters, `_seconds` histograms with explicit buckets, low-cardinality labels.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tracing_subscriber::EnvFilter;
+
+use crate::batching::{Item, Kind};
+use crate::config::LogFormat;
+
+pub const METHODS: [&str; 4] = ["Embed", "EmbedStream", "Complete", "GetModelInfo"];
+const CODES: [&str; 8] = [
+    "OK",
+    "InvalidArgument",
+    "OutOfRange",
+    "ResourceExhausted",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Cancelled",
+    "Internal",
+];
+const DROP_REASONS: [&str; 3] = ["queue_full", "deadline", "cancelled"];
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Starts the `/metrics` listener (on the current tokio runtime) and registers every series.
+pub fn init_metrics(addr: SocketAddr, build: &[(&'static str, String)]) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("cratemae_batch_size".into()), BATCH_BUCKETS)?
+        .install()?;
+    register(build);
+    Ok(())
+}
+
+fn register(build: &[(&'static str, String)]) {
+    describe_counter!(
+        "cratemae_requests_total",
+        "gRPC requests finished, by method and status code."
+    );
+    describe_histogram!(
+        "cratemae_request_duration_seconds",
+        Unit::Seconds,
+        "gRPC request latency, end to end in the server."
+    );
+    describe_histogram!(
+        "cratemae_queue_duration_seconds",
+        Unit::Seconds,
+        "Time an image waited from admission to the start of its batch."
+    );
+    describe_histogram!(
+        "cratemae_inference_duration_seconds",
+        Unit::Seconds,
+        "Model time per batch."
+    );
+    describe_histogram!(
+        "cratemae_batch_size",
+        Unit::Count,
+        "Images per model batch."
+    );
+    describe_gauge!(
+        "cratemae_queue_depth",
+        Unit::Count,
+        "Images waiting for a batch."
+    );
+    describe_gauge!(
+        "cratemae_inflight_requests",
+        Unit::Count,
+        "gRPC requests being served."
+    );
+    describe_counter!(
+        "cratemae_dropped_requests_total",
+        "Images refused or dropped before compute, by reason."
+    );
+    describe_counter!(
+        "cratemae_worker_faults_total",
+        "Batches failed by a panic or error inside the model worker."
+    );
+    describe_gauge!("cratemae_build_info", "Build information (value 1).");
+    describe_gauge!("cratemae_model_info", "The served weights (value 1).");
+    describe_gauge!(
+        "cratemae_coding_rate",
+        "Official compression term R^c per encoder layer (batch mean of the last sampled batch)."
+    );
+    describe_gauge!(
+        "cratemae_expansion_rate",
+        "Expansion term R of the MSSA input tokens per encoder layer (last sampled batch)."
+    );
+    describe_gauge!(
+        "cratemae_rate_reduction",
+        "Rate reduction R - R^c per encoder layer (last sampled batch)."
+    );
+    describe_gauge!(
+        "cratemae_sparsity",
+        "Fraction of exact zeros in the ISTA output per encoder layer (last sampled batch)."
+    );
+    describe_counter!(
+        "cratemae_diagnostics_samples_total",
+        "Batches whose diagnostics were computed for these gauges."
+    );
+
+    for method in METHODS {
+        for code in CODES {
+            counter!("cratemae_requests_total", "method" => method, "code" => code).absolute(0);
+        }
+        let _ = histogram!("cratemae_request_duration_seconds", "method" => method);
+    }
+    for kind in Kind::ALL {
+        let k = kind.label();
+        let _ = histogram!("cratemae_queue_duration_seconds", "kind" => k);
+        let _ = histogram!("cratemae_inference_duration_seconds", "kind" => k);
+        let _ = histogram!("cratemae_batch_size", "kind" => k);
+        gauge!("cratemae_queue_depth", "kind" => k).set(0.0);
+    }
+    gauge!("cratemae_inflight_requests").set(0.0);
+    for reason in DROP_REASONS {
+        counter!("cratemae_dropped_requests_total", "reason" => reason).absolute(0);
+    }
+    counter!("cratemae_worker_faults_total").absolute(0);
+    counter!("cratemae_diagnostics_samples_total").absolute(0);
+    let labels: Vec<(&'static str, String)> = build.to_vec();
+    gauge!("cratemae_build_info", &labels).set(1.0);
+}
+
+/// Per-layer diagnostics series, once the model (and so its depth) is known; also labels
+/// the build info with the weights source.
+pub fn register_layers(depth: usize, weights: &str) {
+    gauge!("cratemae_model_info", "weights" => weights.to_string()).set(1.0);
+    for layer in 0..depth {
+        let l = layer.to_string();
+        // NaN until the first sample: "no data yet" rather than a fake zero.
+        for name in [
+            "cratemae_coding_rate",
+            "cratemae_expansion_rate",
+            "cratemae_rate_reduction",
+            "cratemae_sparsity",
+        ] {
+            gauge!(name, "layer" => l.clone()).set(f64::NAN);
+        }
+    }
+}
+
+pub fn request_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    counter!("cratemae_requests_total", "method" => method, "code" => code_label(code))
+        .increment(1);
+    histogram!("cratemae_request_duration_seconds", "method" => method)
+        .record(elapsed.as_secs_f64());
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::OutOfRange => "OutOfRange",
+        tonic::Code::ResourceExhausted => "ResourceExhausted",
+        tonic::Code::Unavailable => "Unavailable",
+        tonic::Code::DeadlineExceeded => "DeadlineExceeded",
+        tonic::Code::Cancelled => "Cancelled",
+        tonic::Code::Internal => "Internal",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        _ => "Unknown",
+    }
+}
+
+pub fn inflight(delta: f64) {
+    gauge!("cratemae_inflight_requests").increment(delta);
+}
+
+pub fn dropped(reason: &'static str) {
+    counter!("cratemae_dropped_requests_total", "reason" => reason).increment(1);
+}
+
+pub fn worker_fault() {
+    counter!("cratemae_worker_faults_total").increment(1);
+}
+
+pub fn queue_depth(queues: &[VecDeque<Item>; 2]) {
+    for kind in Kind::ALL {
+        gauge!("cratemae_queue_depth", "kind" => kind.label())
+            .set(queues[kind as usize].len() as f64);
+    }
+}
+
+pub fn queue_time(kind: Kind, waited: Duration) {
+    histogram!("cratemae_queue_duration_seconds", "kind" => kind.label())
+        .record(waited.as_secs_f64());
+}
+
+pub fn batch(kind: Kind, size: usize, took: Duration) {
+    histogram!("cratemae_inference_duration_seconds", "kind" => kind.label())
+        .record(took.as_secs_f64());
+    histogram!("cratemae_batch_size", "kind" => kind.label()).record(size as f64);
+}
+
+pub fn diagnostics(layers: &[crate_mae::LayerDiagnostics]) {
+    counter!("cratemae_diagnostics_samples_total").increment(1);
+    for layer in layers {
+        let l = layer.layer.to_string();
+        let mean = |v: &[f64]| crate_mae::diagnostics::mean_std(v).0;
+        gauge!("cratemae_coding_rate", "layer" => l.clone()).set(mean(&layer.coding_rate));
+        gauge!("cratemae_expansion_rate", "layer" => l.clone()).set(mean(&layer.expansion_rate));
+        gauge!("cratemae_rate_reduction", "layer" => l.clone()).set(mean(&layer.rate_reduction()));
+        gauge!("cratemae_sparsity", "layer" => l).set(mean(&layer.sparsity));
+    }
+}

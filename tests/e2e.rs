@@ -1,0 +1,769 @@
+//! End to end: the real `crate-mae-server` binary on a loopback port, driven by a real tonic
+//! client. Fixtures (PNG, JPEG) are generated here; nothing comes from the network.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
+use crate_mae_server::pb::{self, CompleteRequest, EmbedRequest, Image, RawTensor};
+use image::{DynamicImage, ImageFormat, RgbImage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const IMAGE_SIZE: u32 = 64;
+const MAX_IMAGES: usize = 8;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    grpc: String,
+    metrics: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with a small random model; `extra` flags and env are appended.
+    async fn start(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let (gp, mp) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crate-mae-server"));
+        let size = IMAGE_SIZE.to_string();
+        let max_images = MAX_IMAGES.to_string();
+        let grpc_addr = format!("127.0.0.1:{gp}");
+        let metrics_addr = format!("127.0.0.1:{mp}");
+        let defaults = [
+            ("--image-size", size.as_str()),
+            ("--grpc-addr", grpc_addr.as_str()),
+            ("--metrics-addr", metrics_addr.as_str()),
+            ("--max-images-per-request", max_images.as_str()),
+            ("--max-batch-size", "4"),
+            ("--diagnostics-every", "1"),
+            ("--log", "warn"),
+        ];
+        cmd.arg("--random-weights");
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("server binary starts");
+        Self {
+            child,
+            grpc: format!("http://127.0.0.1:{gp}"),
+            metrics: format!("127.0.0.1:{mp}").parse().unwrap(),
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Channel::from_shared(self.grpc.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                Ok(c) => return c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", self.grpc),
+            }
+        }
+    }
+
+    async fn health(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        let mut client = HealthClient::new(self.channel().await);
+        let r = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?;
+        Ok(ServingStatus::try_from(r.into_inner().status).unwrap())
+    }
+
+    /// Starts and waits until the model service is SERVING.
+    async fn ready(extra: &[&str], env: &[(&str, &str)]) -> (Self, CrateMaeClient<Channel>) {
+        let server = Self::start(extra, env).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.health("cratemae.v1.CrateMae").await.ok() != Some(ServingStatus::Serving) {
+            assert!(Instant::now() < deadline, "server never became SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let client =
+            CrateMaeClient::new(server.channel().await).max_decoding_message_size(64 << 20);
+        (server, client)
+    }
+
+    async fn scrape(&self) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+/// A series' value from a Prometheus text exposition (exact label string).
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn picture(seed: u32, w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(31 + seed) ^ y.wrapping_mul(17 + 3 * seed);
+        image::Rgb([
+            (v % 251) as u8,
+            ((x + y + seed) * 3 % 256) as u8,
+            ((x * y) % 199) as u8,
+        ])
+    })
+}
+
+fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(img.clone())
+        .write_to(&mut out, format)
+        .unwrap();
+    out.into_inner()
+}
+
+fn png(seed: u32) -> Vec<u8> {
+    encode(&picture(seed, 96, 80), ImageFormat::Png)
+}
+
+fn encoded(bytes: Vec<u8>) -> Image {
+    Image {
+        encoded: bytes,
+        tensor: None,
+    }
+}
+
+fn embed_request(images: Vec<Image>) -> EmbedRequest {
+    EmbedRequest {
+        images,
+        ..Default::default()
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embed_and_complete_real_png_and_jpeg() {
+    let (_server, mut client) = Server::ready(&[], &[]).await;
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.image_size, IMAGE_SIZE);
+    assert!(info.random_weights && info.name.contains("RANDOM"));
+    let jpeg = encode(&picture(2, 50, 120), ImageFormat::Jpeg);
+
+    let r = client
+        .embed(embed_request(vec![encoded(png(1)), encoded(jpeg.clone())]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.embeddings.len(), 2);
+    assert_eq!(r.dim, info.dim);
+    for e in &r.embeddings {
+        assert_eq!(e.values.len(), info.dim as usize);
+        assert!(e.values.iter().all(|v| v.is_finite()));
+    }
+    assert!(
+        max_abs_diff(&r.embeddings[0].values, &r.embeddings[1].values) > 1e-3,
+        "different images, different embeddings"
+    );
+    let timing = r.timing.unwrap();
+    assert!(timing.inference_seconds > 0.0 && timing.batch_size >= 1);
+
+    // Options: mean pooling differs from cls, normalisation gives unit norm, patch tokens,
+    // diagnostics and attention come back with the documented shapes.
+    let r2 = client
+        .embed(EmbedRequest {
+            images: vec![encoded(png(1))],
+            pooling: pb::Pooling::Mean as i32,
+            normalize: true,
+            include_patch_tokens: true,
+            include_diagnostics: true,
+            attention_layer: Some(3),
+            layer: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = &r2.embeddings[0];
+    let norm: f32 = e.values.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "L2 norm {norm}");
+    let grid = (IMAGE_SIZE / info.patch_size) as usize;
+    assert_eq!(e.patch_tokens.len(), grid * grid * info.dim as usize);
+    assert_eq!(e.diagnostics.len(), info.depth as usize);
+    for d in &e.diagnostics {
+        assert!(d.coding_rate > 0.0 && d.coding_rate.is_finite());
+        assert!((d.rate_reduction - (d.expansion_rate - d.coding_rate)).abs() < 1e-9);
+        assert!((0.0..=1.0).contains(&d.sparsity));
+    }
+    let attention = e.attention.as_ref().unwrap();
+    assert_eq!(
+        attention.cls_to_patches.len(),
+        (attention.heads as usize) * grid * grid
+    );
+
+    // Completion: PNGs at model resolution, deterministic per seed, mask honoured.
+    let complete = |seed: u64, patches: Vec<u32>| CompleteRequest {
+        image: Some(encoded(jpeg.clone())),
+        mask_ratio: 0.0,
+        seed,
+        masked_patches: patches,
+        include_diagnostics: false,
+    };
+    let a = client
+        .complete(complete(7, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .complete(complete(7, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = client
+        .complete(complete(8, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        a.masked_patches.len(),
+        grid * grid - (grid * grid) / 4,
+        "default ratio 0.75"
+    );
+    assert_eq!(a.masked_patches, b.masked_patches);
+    assert_eq!(a.reconstruction, b.reconstruction, "same seed, same output");
+    assert_ne!(a.masked_patches, c.masked_patches);
+    for bytes in [&a.reconstruction, &a.composite, &a.masked_input] {
+        let img = image::load_from_memory_with_format(bytes, ImageFormat::Png).unwrap();
+        assert_eq!((img.width(), img.height()), (IMAGE_SIZE, IMAGE_SIZE));
+    }
+    assert!(a.masked_patch_mse.is_finite() && a.masked_patch_mse > 0.0);
+    let explicit = client
+        .complete(complete(0, vec![0, 5, 15]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explicit.masked_patches, vec![0, 5, 15]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_results_equal_single_results() {
+    let (_server, mut client) = Server::ready(&[], &[]).await;
+    let images: Vec<Vec<u8>> = (10..15).map(png).collect();
+    let together = client
+        .embed(embed_request(images.iter().cloned().map(encoded).collect()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same images as concurrent single-image requests (the server batches them).
+    let singles = futures::future::join_all(images.iter().map(|img| {
+        let mut c = client.clone();
+        let req = embed_request(vec![encoded(img.clone())]);
+        async move { c.embed(req).await.unwrap().into_inner() }
+    }))
+    .await;
+    for (i, single) in singles.iter().enumerate() {
+        let d = max_abs_diff(&single.embeddings[0].values, &together.embeddings[i].values);
+        assert!(d < 1e-5, "image {i}: batched vs single differ by {d}");
+    }
+    // Streaming gives the same vectors, in order.
+    let requests: Vec<EmbedRequest> = images
+        .iter()
+        .map(|img| embed_request(vec![encoded(img.clone())]))
+        .collect();
+    let mut stream = client
+        .embed_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut i = 0;
+    while let Some(r) = stream.message().await.unwrap() {
+        assert!(max_abs_diff(&r.embeddings[0].values, &together.embeddings[i].values) < 1e-5);
+        i += 1;
+    }
+    assert_eq!(i, images.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_goes_not_serving_serving_not_serving() {
+    let server = Server::start(&[], &[("CRATE_MAE_TEST_LOAD_DELAY_MS", "1500")]).await;
+    // Listening but loading: both names answer NOT_SERVING.
+    assert_eq!(
+        server.health("cratemae.v1.CrateMae").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    assert_eq!(server.health("").await.unwrap(), ServingStatus::NotServing);
+    let mut watch = HealthClient::new(server.channel().await)
+        .watch(HealthCheckRequest {
+            service: "cratemae.v1.CrateMae".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![];
+    while seen.last() != Some(&ServingStatus::Serving) {
+        let msg = tokio::time::timeout(Duration::from_secs(60), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(ServingStatus::try_from(msg.status).unwrap());
+    }
+    assert_eq!(seen.first(), Some(&ServingStatus::NotServing));
+    assert_eq!(server.health("").await.unwrap(), ServingStatus::Serving);
+    server.terminate();
+    let msg = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap();
+    if let Ok(Some(m)) = msg {
+        assert_eq!(
+            ServingStatus::try_from(m.status).unwrap(),
+            ServingStatus::NotServing
+        );
+    }
+    // An unknown service name is NOT_FOUND, as the health protocol says.
+    let mut server = server;
+    let status = server.child.wait().await.unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let (server, _) = Server::ready(&[], &[]).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["cratemae.v1.CrateMae", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    // v1alpha too (ghz falls back to it).
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+    let mut alpha = AlphaClient::new(server.channel().await);
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut responses = alpha
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(responses.message().await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_carry_every_series_with_sane_values() {
+    let (server, mut client) = Server::ready(&[], &[]).await;
+    let before = server.scrape().await;
+    for name in [
+        "cratemae_requests_total",
+        "cratemae_request_duration_seconds",
+        "cratemae_queue_duration_seconds",
+        "cratemae_inference_duration_seconds",
+        "cratemae_batch_size",
+        "cratemae_queue_depth",
+        "cratemae_inflight_requests",
+        "cratemae_dropped_requests_total",
+        "cratemae_build_info",
+        "cratemae_coding_rate",
+        "cratemae_expansion_rate",
+        "cratemae_rate_reduction",
+        "cratemae_sparsity",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} ")),
+            "{name} not registered at start"
+        );
+    }
+    for _ in 0..3 {
+        client
+            .embed(embed_request(vec![encoded(png(3)), encoded(png(4))]))
+            .await
+            .unwrap();
+    }
+    client
+        .complete(CompleteRequest {
+            image: Some(encoded(png(5))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let _ = client
+        .embed(embed_request(vec![encoded(b"nope".to_vec())]))
+        .await;
+    let body = server.scrape().await;
+    assert_eq!(
+        metric(
+            &body,
+            r#"cratemae_requests_total{method="Embed",code="OK"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            r#"cratemae_requests_total{method="Complete",code="OK"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &body,
+            r#"cratemae_requests_total{method="Embed",code="InvalidArgument"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&body, r#"cratemae_batch_size_sum{kind="embed"}"#),
+        Some(6.0),
+        "six images embedded"
+    );
+    assert_eq!(metric(&body, r#"cratemae_inflight_requests"#), Some(0.0));
+    assert_eq!(
+        metric(&body, r#"cratemae_queue_depth{kind="embed"}"#),
+        Some(0.0)
+    );
+    let count = metric(
+        &body,
+        r#"cratemae_request_duration_seconds_count{method="Embed"}"#,
+    )
+    .unwrap();
+    assert_eq!(count, 4.0);
+    for layer in 0..12 {
+        let rc = metric(
+            &body,
+            &format!(r#"cratemae_coding_rate{{layer="{layer}"}}"#),
+        )
+        .unwrap();
+        let sp = metric(&body, &format!(r#"cratemae_sparsity{{layer="{layer}"}}"#)).unwrap();
+        assert!(rc.is_finite() && rc > 0.0, "layer {layer} coding rate {rc}");
+        assert!((0.0..=1.0).contains(&sp), "layer {layer} sparsity {sp}");
+    }
+    promtool_check(&body);
+}
+
+/// `promtool check metrics` on the live exposition. CI installs promtool (`.ci/run`); on a
+/// developer machine without it the check says so instead of passing silently.
+fn promtool_check(body: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI"
+        );
+        eprintln!("promtool not installed: `promtool check metrics` NOT run");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
+    let (_server, mut client) = Server::ready(&[], &[]).await;
+    let good = png(9);
+    let raw = |shape: Vec<u32>, data: Vec<f32>| Image {
+        encoded: vec![],
+        tensor: Some(RawTensor { shape, data }),
+    };
+    let n = (3 * IMAGE_SIZE * IMAGE_SIZE) as usize;
+    let mut nan = vec![0.0; n];
+    nan[7] = f32::NAN;
+    let embed_cases: Vec<(&str, EmbedRequest, Code, &str)> = vec![
+        (
+            "not an image",
+            embed_request(vec![encoded(b"hello, certainly not an image".to_vec())]),
+            Code::InvalidArgument,
+            "not a PNG or JPEG",
+        ),
+        (
+            "GIF",
+            embed_request(vec![encoded(
+                b"GIF89a\x08\x00\x08\x00\x00\x00\x00;".to_vec(),
+            )]),
+            Code::InvalidArgument,
+            "not supported",
+        ),
+        (
+            "truncated PNG",
+            embed_request(vec![encoded(good[..good.len() / 2].to_vec())]),
+            Code::InvalidArgument,
+            "decode",
+        ),
+        (
+            "zero bytes",
+            embed_request(vec![encoded(vec![])]),
+            Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            "zero-size PNG",
+            embed_request(vec![encoded({
+                let mut b = encode(&picture(0, 1, 1), ImageFormat::Png);
+                b[16..24].copy_from_slice(&[0; 8]);
+                b
+            })]),
+            Code::InvalidArgument,
+            "",
+        ),
+        (
+            "wrong raw shape",
+            embed_request(vec![raw(vec![3, 32, 32], vec![0.0; 3 * 32 * 32])]),
+            Code::InvalidArgument,
+            "shape",
+        ),
+        (
+            "raw NaN",
+            embed_request(vec![raw(vec![3, IMAGE_SIZE, IMAGE_SIZE], nan)]),
+            Code::InvalidArgument,
+            "NaN",
+        ),
+        (
+            "no images",
+            embed_request(vec![]),
+            Code::InvalidArgument,
+            "no images",
+        ),
+        (
+            "too many images",
+            embed_request(vec![encoded(good.clone()); MAX_IMAGES + 1]),
+            Code::ResourceExhausted,
+            "limit",
+        ),
+        (
+            "bad layer",
+            EmbedRequest {
+                layer: Some(99),
+                ..embed_request(vec![encoded(good.clone())])
+            },
+            Code::InvalidArgument,
+            "layer 99",
+        ),
+        (
+            "second image bad",
+            embed_request(vec![encoded(good.clone()), encoded(b"xx".to_vec())]),
+            Code::InvalidArgument,
+            "image 1",
+        ),
+    ];
+    for (what, request, code, needle) in embed_cases {
+        let status = client.embed(request).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{what}: message {:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    let complete = |ratio: f32, patches: Vec<u32>| CompleteRequest {
+        image: Some(encoded(good.clone())),
+        mask_ratio: ratio,
+        seed: 1,
+        masked_patches: patches,
+        include_diagnostics: false,
+    };
+    let complete_cases: Vec<(&str, CompleteRequest, &str)> = vec![
+        ("ratio -1", complete(-1.0, vec![]), "[0, 1)"),
+        ("ratio 1", complete(1.0, vec![]), "[0, 1)"),
+        ("ratio NaN", complete(f32::NAN, vec![]), "[0, 1)"),
+        (
+            "index out of range",
+            complete(0.0, vec![3, 16]),
+            "out of range",
+        ),
+        ("duplicate index", complete(0.0, vec![2, 2]), "twice"),
+        (
+            "no image",
+            CompleteRequest {
+                image: None,
+                ..complete(0.5, vec![])
+            },
+            "no image",
+        ),
+    ];
+    for (what, request, needle) in complete_cases {
+        let status = client.complete(request).await.expect_err(what);
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?}",
+            status.message()
+        );
+    }
+    // Still serving.
+    let r = client
+        .embed(embed_request(vec![encoded(good)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.embeddings.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_panic_fails_only_its_batch() {
+    let (server, mut client) =
+        Server::ready(&[], &[("CRATE_MAE_FAULT_INJECTION_VALUE", "12345")]).await;
+    let n = (3 * IMAGE_SIZE * IMAGE_SIZE) as usize;
+    let mut poison = vec![0.0f32; n];
+    poison[0] = 12345.0;
+    let status = client
+        .embed(embed_request(vec![Image {
+            encoded: vec![],
+            tensor: Some(RawTensor {
+                shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
+                data: poison,
+            }),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    let r = client
+        .embed(embed_request(vec![encoded(png(1))]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.embeddings.len(), 1);
+    assert_eq!(
+        server.health("cratemae.v1.CrateMae").await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        metric(&server.scrape().await, "cratemae_worker_faults_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_accepted_requests_then_exits_zero() {
+    // Full-size images at batch 1 make each request take a while, so many are in flight.
+    let (mut server, client) =
+        Server::ready(&["--image-size", "224", "--max-batch-size", "1"], &[]).await;
+    let image = encode(&picture(1, 300, 300), ImageFormat::Png);
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            let req = embed_request(vec![encoded(image.clone())]);
+            tokio::spawn(async move { c.embed(req).await })
+        })
+        .collect();
+    // Wait until they are admitted, then signal.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server.scrape().await, "cratemae_inflight_requests").unwrap_or(0.0) < 6.0 {
+        assert!(Instant::now() < deadline, "requests never became in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New work is refused: the server answers UNAVAILABLE while draining, and after its
+    // GOAWAY a client sees the connection closing (CANCELLED) or refused (UNAVAILABLE).
+    let mut late = client.clone();
+    match late
+        .embed(embed_request(vec![encoded(image.clone())]))
+        .await
+    {
+        Err(s) => assert!(
+            matches!(s.code(), Code::Unavailable | Code::Cancelled),
+            "{s:?}"
+        ),
+        Ok(_) => panic!("a request after SIGTERM was accepted"),
+    }
+    let mut completed = 0;
+    for call in calls {
+        let r = call.await.unwrap().expect("accepted request completes");
+        assert_eq!(r.into_inner().embeddings.len(), 1);
+        completed += 1;
+    }
+    assert_eq!(completed, 6);
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
