@@ -767,3 +767,60 @@ async fn sigterm_finishes_accepted_requests_then_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// Every `cratemae_*` metric the Grafana dashboard and the alert rules use is one the server
+/// really exports (checked against a live scrape after traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ops_kit_uses_only_exported_metrics() {
+    let (server, mut client) = Server::ready(&[], &[]).await;
+    client
+        .embed(embed_request(vec![encoded(png(1))]))
+        .await
+        .unwrap();
+    let scrape = server.scrape().await;
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/deploy/grafana/crate-mae-dashboard.json")).unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("dashboard is valid JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    let rules =
+        std::fs::read_to_string(format!("{root}/deploy/monitoring/prometheusrule.yaml")).unwrap();
+    let adapter = std::fs::read_to_string(format!(
+        "{root}/deploy/monitoring/prometheus-adapter-rules.yaml"
+    ))
+    .unwrap();
+    let hpa = std::fs::read_to_string(format!("{root}/deploy/base/hpa.yaml")).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for text in [&dashboard, &rules, &adapter, &hpa] {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("cratemae_") {
+            // Recording rules are `cratemae:…`; metric names are `cratemae_[a-z0-9_]+`.
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| exported.contains(b)))
+                .unwrap_or(&name)
+                .to_string();
+            used.insert(base);
+        }
+    }
+    assert!(used.len() >= 10, "found only {used:?}");
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ops kit uses metrics the server does not export: {missing:?}"
+    );
+}

@@ -7,12 +7,14 @@
 //!   have work, the kind that has consumed less (cost-weighted) worker time goes next.
 //! - **Work-conserving**: a batch is formed as soon as the worker can take one, from whatever
 //!   is waiting, up to `max_batch_size` images; `max_batch_delay` optionally waits for more.
-//! - **Prefetch**: a batcher thread forms and uploads the next batch while the model thread
-//!   runs the current one (a rendezvous of depth 1 between them).
+//! - **Prefetch, but never a thin batch**: a batcher thread forms and uploads the next batch
+//!   while the model thread runs the current one, but only once it is full; a partial batch
+//!   is formed at the last moment, when the model thread asks for work ("demand"), so the
+//!   requests that arrive meanwhile still join it.
 //! - Items whose deadline passed or whose client went away are dropped before compute.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -207,6 +209,8 @@ struct State {
 pub struct Queues {
     state: Mutex<State>,
     wake: Condvar,
+    /// The model thread is idle and waiting for a batch.
+    demand: AtomicBool,
     max_batch_size: usize,
     max_batch_delay: Duration,
     cost: [f64; 2],
@@ -217,6 +221,7 @@ impl Queues {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            demand: AtomicBool::new(false),
             max_batch_size,
             max_batch_delay,
             cost: [1.0, complete_cost],
@@ -250,6 +255,14 @@ impl Queues {
         Ok(())
     }
 
+    /// The model thread says whether it is idle. Set under the lock so the batcher cannot
+    /// miss the wake-up between checking and waiting.
+    pub fn set_demand(&self, waiting: bool) {
+        let _state = self.lock();
+        self.demand.store(waiting, Ordering::Release);
+        self.wake.notify_all();
+    }
+
     /// Stops accepting; the batcher drains what is queued, then ends.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -261,15 +274,18 @@ impl Queues {
         state.queues.iter().map(VecDeque::len).sum()
     }
 
-    /// Blocks until a batch can be formed; `None` once closed and empty.
+    /// Blocks until a batch should be formed: a full one at any time, a partial one only
+    /// when the model thread is idle (or the queues are closing). `None` once closed and empty.
     pub fn next_batch(&self) -> Option<Batch> {
         let mut state = self.lock();
         loop {
             let kind = loop {
                 if let Some(kind) = self.pick(&state) {
-                    break kind;
-                }
-                if state.closed {
+                    let full = state.queues[kind.index()].len() >= self.max_batch_size;
+                    if full || state.closed || self.demand.load(Ordering::Acquire) {
+                        break kind;
+                    }
+                } else if state.closed {
                     return None;
                 }
                 state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -401,6 +417,7 @@ mod tests {
     fn batches_take_what_is_waiting_up_to_the_limit_and_alternate_fairly() {
         let a = Admission::new(100);
         let q = Queues::new(3, Duration::ZERO, 2.0);
+        q.set_demand(true);
         let mut receivers = vec![];
         let mut items = vec![];
         for _ in 0..7 {
@@ -438,6 +455,7 @@ mod tests {
     fn cancelled_items_are_dropped_before_compute() {
         let a = Admission::new(10);
         let q = Queues::new(8, Duration::ZERO, 2.0);
+        q.set_demand(true);
         let (gone, rx_gone) = item(Kind::Embed, &a);
         let (kept, _rx_kept) = item(Kind::Embed, &a);
         drop(rx_gone);
@@ -445,6 +463,41 @@ mod tests {
         let batch = q.next_batch().unwrap();
         assert_eq!(batch.items.len(), 1);
         assert_eq!(a.in_flight(), 1, "the dropped item's slot is released");
+    }
+
+    #[test]
+    fn a_partial_batch_waits_for_demand_a_full_one_does_not() {
+        let a = Admission::new(10);
+        let q = Queues::new(2, Duration::ZERO, 2.0);
+        let (one, _r1) = item(Kind::Embed, &a);
+        q.push(vec![one]).unwrap();
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| q.next_batch().map(|b| b.items.len()));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !batcher.is_finished(),
+                "a partial batch must not be prefetched"
+            );
+            let (two, _r2) = item(Kind::Embed, &a);
+            q.push(vec![two]).unwrap();
+            assert_eq!(
+                batcher.join().unwrap(),
+                Some(2),
+                "full: formed without demand"
+            );
+        });
+        let (three, _r3) = item(Kind::Embed, &a);
+        q.push(vec![three]).unwrap();
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| q.next_batch().map(|b| b.items.len()));
+            std::thread::sleep(Duration::from_millis(20));
+            q.set_demand(true);
+            assert_eq!(
+                batcher.join().unwrap(),
+                Some(1),
+                "partial: formed on demand"
+            );
+        });
     }
 
     #[test]

@@ -184,3 +184,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// ghz needs a protoset when reflection is not used; the committed one must match the
+    /// proto. Regenerate: `UPDATE_PROTOSET=1 cargo test -p crate-mae-server protoset`.
+    #[test]
+    fn ghz_protoset_is_current() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/ghz/cratemae.protoset"
+        );
+        if std::env::var_os("UPDATE_PROTOSET").is_some() {
+            std::fs::write(path, super::pb::FILE_DESCRIPTOR_SET).unwrap();
+        }
+        let committed = std::fs::read(path).expect("deploy/ghz/cratemae.protoset is missing");
+        assert!(
+            committed == super::pb::FILE_DESCRIPTOR_SET,
+            "deploy/ghz/cratemae.protoset is stale: UPDATE_PROTOSET=1 cargo test -p crate-mae-server protoset"
+        );
+    }
+}

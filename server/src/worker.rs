@@ -93,7 +93,23 @@ impl Worker {
                     options,
                     embed_batches: AtomicU64::new(0),
                 };
-                for (mut batch, input) in rx {
+                loop {
+                    // A full batch may already be waiting; otherwise ask for one, so a partial
+                    // batch is formed now rather than earlier with fewer requests in it.
+                    let next = match rx.try_recv() {
+                        Ok(next) => next,
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                        Err(mpsc::TryRecvError::Empty) => {
+                            queues.set_demand(true);
+                            let next = rx.recv();
+                            queues.set_demand(false);
+                            match next {
+                                Ok(next) => next,
+                                Err(_) => break,
+                            }
+                        }
+                    };
+                    let (mut batch, input) = next;
                     runner.run(&mut batch, input);
                 }
                 model_alive.store(false, Ordering::Release);

@@ -1,0 +1,81 @@
+# syntax=docker/dockerfile:1.7
+#
+# CRATE-MAE gRPC server.
+#   CPU (default):  docker build -t crate-mae-serve .
+#   CUDA:           docker build --target runtime-cuda -t crate-mae-serve:cuda .
+# Ports: 50051 gRPC (health: grpc.health.v1, names "" and cratemae.v1.CrateMae), 9090 /metrics.
+# SIGTERM drains: NOT_SERVING, stop accepting, finish accepted requests (25 s by default).
+
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+
+# ---- build (CPU) -----------------------------------------------------------------------------
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY model ./model
+COPY server ./server
+COPY proto ./proto
+COPY tests ./tests
+# Registry and target dir are cache mounts: rebuilding after a source change recompiles only
+# the workspace crates, not the dependency tree.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin crate-mae-server --bin crate-mae-cli \
+ && install -D -m 0755 target/release/crate-mae-server /out/crate-mae-server \
+ && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli
+
+# ---- runtime (CPU) ---------------------------------------------------------------------------
+FROM ${RUNTIME_IMAGE} AS runtime
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
+COPY --from=build /out/ /usr/local/bin/
+USER 10001:10001
+EXPOSE 50051 9090
+ENV CRATE_MAE_GRPC_ADDR=0.0.0.0:50051 \
+    CRATE_MAE_METRICS_ADDR=0.0.0.0:9090 \
+    CRATE_MAE_LOG_FORMAT=json
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD ["/usr/local/bin/crate-mae-cli", "--addr", "http://127.0.0.1:50051", "--timeout", "2", "health", "--service", "cratemae.v1.CrateMae"]
+# Exec form: the server is PID 1 and receives SIGTERM itself.
+ENTRYPOINT ["/usr/local/bin/crate-mae-server"]
+
+# ---- build (CUDA) ----------------------------------------------------------------------------
+FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
+ARG RUST_TOOLCHAIN=1.95.0
+ARG CUDA_COMPUTE_CAP=90
+ENV PATH=/root/.cargo/bin:${PATH} \
+    CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl gcc pkg-config \
+ && rm -rf /var/lib/apt/lists/* \
+ && curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_TOOLCHAIN}
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY model ./model
+COPY server ./server
+COPY proto ./proto
+COPY tests ./tests
+RUN --mount=type=cache,target=/root/.cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --features cuda --bin crate-mae-server --bin crate-mae-cli \
+ && install -D -m 0755 target/release/crate-mae-server /out/crate-mae-server \
+ && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli
+
+# ---- runtime (CUDA) --------------------------------------------------------------------------
+FROM ${CUDA_RUNTIME_IMAGE} AS runtime-cuda
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
+COPY --from=build-cuda /out/ /usr/local/bin/
+USER 10001:10001
+EXPOSE 50051 9090
+ENV CRATE_MAE_GRPC_ADDR=0.0.0.0:50051 \
+    CRATE_MAE_METRICS_ADDR=0.0.0.0:9090 \
+    CRATE_MAE_LOG_FORMAT=json \
+    CRATE_MAE_DEVICE=cuda
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/crate-mae-server"]
+
+# The default build target is the CPU image.
+FROM runtime

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Serving benchmarks (BENCHMARKS.md, "Serving"): the release server on loopback driven by the
+# in-repo load generator.
+#  1. Small model, Embed at concurrency 64: dynamic batching (max batch 8) vs max_batch_size=1.
+#  2. Base model, Embed at concurrency 16 through gRPC vs the in-process encoder at batch 8.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-30}
+IMG=tests/fixtures/scene.png
+cargo build --release -q --bin crate-mae-server --bin crate-mae-load -p crate-mae-server
+cargo build --release -q -p crate-mae --example bench
+SERVER=target/release/crate-mae-server
+LOAD=target/release/crate-mae-load
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
+
+run() { # name, load args..., -- server args...
+  local name=$1; shift
+  local load_args=() server_args=()
+  while [ "$1" != "--" ]; do load_args+=("$1"); shift; done; shift
+  server_args=("$@")
+  $SERVER --random-weights --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
+  local pid=$!
+  until target/release/crate-mae-cli --addr http://127.0.0.1:50061 health --service cratemae.v1.CrateMae >/dev/null 2>&1; do sleep 0.5; done
+  echo "== $name (server: ${server_args[*]})"
+  $LOAD --addr http://127.0.0.1:50061 --image $IMG "${load_args[@]}" --json "target/serving-$name.json" | sed -n '/Summary/,/Status/p;/\[/p'
+  kill -TERM $pid; wait $pid
+}
+
+run small-batched -c 64 --duration "$DURATION" -n 0 -- --preset small --max-batch-size 8
+run small-batch1 -c 64 --duration "$DURATION" -n 0 -- --preset small --max-batch-size 1
+run base-grpc -c 16 --duration "$DURATION" -n 0 -- --preset base --max-batch-size 8 --diagnostics-every 0
+echo "== base in-process encoder, same machine, same run"
+target/release/examples/bench --sizes base --batches 8 --encoder-only --seconds "$DURATION"
