@@ -48,6 +48,10 @@ ARG RUST_TOOLCHAIN=1.95.0
 ARG CUDA_COMPUTE_CAP=90
 ENV PATH=/root/.cargo/bin:${PATH} \
     CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Versions follow the CUDA base image's distribution; pinning them here would break on every
+# base image bump.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl gcc pkg-config \
  && rm -rf /var/lib/apt/lists/* \
