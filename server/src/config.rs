@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::security::Secret;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -95,6 +97,36 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long to let accepted requests finish before exiting anyway.
     #[arg(long, env = "CRATE_MAE_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
     pub drain_timeout_secs: u64,
+
+    /// TLS certificate chain (PEM). With `--tls-key`, gRPC is served over TLS only.
+    #[arg(long, env = "CRATE_MAE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, env = "CRATE_MAE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) whose client certificates are required: mutual TLS.
+    #[arg(long, env = "CRATE_MAE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Bearer token required on the CrateMae service (environment only, so it stays out of
+    /// process listings; or use --auth-token-file).
+    #[arg(
+        long = "auth-token",
+        env = "CRATE_MAE_AUTH_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub auth_token: Option<Secret>,
+
+    /// File holding the bearer token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "CRATE_MAE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Also require the token on health and reflection (default: open, for probes and tools).
+    #[arg(long, env = "CRATE_MAE_AUTH_HEALTH_AND_REFLECTION")]
+    pub auth_health_and_reflection: bool,
 
     /// Log format.
     #[arg(long, env = "CRATE_MAE_LOG_FORMAT", value_enum, default_value = "text")]

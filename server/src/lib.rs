@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod imaging;
 pub mod model_source;
+pub mod security;
 pub mod service;
 pub mod telemetry;
 pub mod worker;
@@ -25,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::batching::{Admission, Queues};
@@ -113,14 +115,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pb::crate_mae_server::CrateMaeServer::new(CrateMaeService::new(Arc::clone(&state)))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+    let token = security::load_token(config.auth_token.as_ref(), config.auth_token_file.as_ref())?;
+    let auth = security::BearerAuth::new(token.as_ref());
+    // Probes and tools stay open unless asked otherwise; the model service is guarded.
+    let guard_ops = if config.auth_health_and_reflection {
+        auth.clone()
+    } else {
+        security::BearerAuth::new(None)
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        builder = builder.tls_config(security::tls_config(
+            cert,
+            key,
+            config.tls_client_ca.as_deref(),
+        )?)?;
+    }
+    tracing::info!(
+        tls = config.tls_cert.is_some(),
+        mutual_tls = config.tls_client_ca.is_some(),
+        bearer_auth = auth.enabled(),
+        "transport security"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(service)
+        builder
+            .add_service(InterceptedService::new(health_service, guard_ops.clone()))
+            .add_service(InterceptedService::new(reflection_v1, guard_ops.clone()))
+            .add_service(InterceptedService::new(reflection_v1alpha, guard_ops))
+            .add_service(InterceptedService::new(service, auth))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),

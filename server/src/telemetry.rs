@@ -140,6 +140,7 @@ fn register(build: &[(&'static str, String)]) {
     }
     counter!("cratemae_worker_faults_total").absolute(0);
     counter!("cratemae_diagnostics_samples_total").absolute(0);
+    counter!("cratemae_auth_failures_total").absolute(0);
     let labels: Vec<(&'static str, String)> = build.to_vec();
     gauge!("cratemae_build_info", &labels).set(1.0);
 }
@@ -225,4 +226,8 @@ pub fn diagnostics(layers: &[crate_mae::LayerDiagnostics]) {
         gauge!("cratemae_rate_reduction", "layer" => l.clone()).set(mean(&layer.rate_reduction()));
         gauge!("cratemae_sparsity", "layer" => l).set(mean(&layer.sparsity));
     }
+}
+
+pub fn auth_failure() {
+    counter!("cratemae_auth_failures_total").increment(1);
 }

@@ -222,29 +222,6 @@ impl Ctx {
     }
 }
 
-/// The canonical gRPC name of a status code (`RESOURCE_EXHAUSTED`, ...).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The status message, followed by the messages of its source chain (transport errors) that
 /// add something, e.g. "tcp connect error: Connection refused (os error 111)".
 fn status_detail(status: &Status) -> String {
@@ -580,7 +557,7 @@ async fn main() -> ExitCode {
         Err(Failure::Grpc(status)) => {
             eprintln!(
                 "error: {}: {}",
-                code_name(status.code()),
+                crate_mae_server::error::code_name(status.code()),
                 status_detail(&status)
             );
             ExitCode::from(2)

@@ -102,29 +102,6 @@ impl CallKind {
     }
 }
 
-/// The canonical gRPC name of a status code (`RESOURCE_EXHAUSTED`, ...).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Latency histogram in microseconds, 1 µs .. 1 h, 3 significant digits.
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
@@ -250,7 +227,7 @@ impl Stats {
                 "OK"
             }
             Err(status) => {
-                let name = code_name(status.code());
+                let name = crate_mae_server::error::code_name(status.code());
                 let message: String = status.message().chars().take(MAX_ERROR_CHARS).collect();
                 *self.errors.entry(format!("{name}: {message}")).or_default() += 1;
                 name

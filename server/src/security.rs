@@ -1,0 +1,169 @@
+//! Who may call: optional TLS / mutual TLS (rustls) and an optional bearer token.
+//!
+//! Secrets come from files or the environment, are held as [`Secret`] (redacted in every
+//! `Debug`), and are never logged. Tokens are compared in constant time, on their SHA-256
+//! digests so that neither content nor length leaks through timing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+/// A value that must not appear in logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))
+}
+
+/// The bearer token, from the environment/flag or a file (trimmed); at most one source.
+pub fn load_token(
+    inline: Option<&Secret>,
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Option<Secret>> {
+    let token = match (inline, file) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "give the auth token either inline (CRATE_MAE_AUTH_TOKEN) or as a file, not both"
+        ),
+        (Some(t), None) => t.expose().trim().to_string(),
+        (None, Some(path)) => String::from_utf8(read(path, "auth token file")?)
+            .map_err(|_| anyhow::anyhow!("auth token file {} is not UTF-8", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the auth token must be at least 16 characters"
+    );
+    Ok(Some(Secret(token)))
+}
+
+/// TLS from PEM files: server certificate chain and key, and optionally a CA whose client
+/// certificates are required (mutual TLS).
+pub fn tls_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<ServerTlsConfig> {
+    let identity = Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS key")?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+    }
+    Ok(config)
+}
+
+/// Checks `authorization: Bearer <token>` when a token is configured.
+#[derive(Clone, Default)]
+pub struct BearerAuth {
+    digest: Option<Arc<[u8; 32]>>,
+}
+
+impl BearerAuth {
+    pub fn new(token: Option<&Secret>) -> Self {
+        Self {
+            digest: token.map(|t| Arc::new(Sha256::digest(t.expose().as_bytes()).into())),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.digest.is_some()
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.digest else {
+            return Ok(request);
+        };
+        let refuse = |why: &str| {
+            crate::telemetry::auth_failure();
+            Err(Status::unauthenticated(why))
+        };
+        let Some(header) = request.metadata().get("authorization") else {
+            return refuse("missing `authorization: Bearer <token>` metadata");
+        };
+        let Some(presented) = header.as_bytes().strip_prefix(b"Bearer ") else {
+            return refuse("`authorization` must be `Bearer <token>`");
+        };
+        let presented: [u8; 32] = Sha256::digest(presented).into();
+        if bool::from(presented.ct_eq(expected.as_ref())) {
+            Ok(request)
+        } else {
+            refuse("invalid bearer token")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn with_header(value: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(v) = value {
+            r.metadata_mut().insert("authorization", v.parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn tokens_are_checked_and_never_printed() {
+        let secret = Secret::new("correct-horse-battery-staple");
+        assert!(!format!("{secret:?}").contains("horse"));
+        let mut auth = BearerAuth::new(Some(&secret));
+        assert!(auth
+            .call(with_header(Some("Bearer correct-horse-battery-staple")))
+            .is_ok());
+        for bad in [
+            None,
+            Some("Bearer wrong"),
+            Some("correct-horse-battery-staple"),
+            Some("Bearer correct-horse-battery-stapl"),
+        ] {
+            let status = auth.call(with_header(bad)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        assert!(BearerAuth::new(None).call(with_header(None)).is_ok());
+    }
+
+    #[test]
+    fn short_or_doubly_given_tokens_are_refused() {
+        assert!(load_token(Some(&Secret::new("short")), None).is_err());
+        let dir = std::env::temp_dir().join(format!("crate-mae-token-{}", std::process::id()));
+        std::fs::write(&dir, "from-a-file-0123456789\n").unwrap();
+        assert_eq!(
+            load_token(None, Some(&dir)).unwrap().unwrap().expose(),
+            "from-a-file-0123456789"
+        );
+        assert!(load_token(Some(&Secret::new("x".repeat(20))), Some(&dir)).is_err());
+    }
+}
