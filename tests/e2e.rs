@@ -1045,3 +1045,100 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     assert!(plain, "plaintext got through a TLS-only port");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_and_cancelled_requests_are_dropped_before_compute() {
+    // Batch 1 at full resolution: the queue drains slowly, so later requests wait.
+    let (server, client) = Server::ready(
+        &[
+            "--image-size",
+            "224",
+            "--max-batch-size",
+            "1",
+            "--diagnostics-every",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let image = encode(&picture(3, 224, 224), ImageFormat::Png);
+    let busy: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            let req = embed_request(vec![encoded(image.clone())]);
+            tokio::spawn(async move { c.embed(req).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server.scrape().await, "cratemae_inflight_requests").unwrap_or(0.0) < 6.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Five requests with a 30 ms deadline queue behind six busy ones.
+    let short: Vec<_> = (0..5)
+        .map(|_| {
+            let mut c = client.clone();
+            let mut req = tonic::Request::new(embed_request(vec![encoded(image.clone())]));
+            req.set_timeout(Duration::from_millis(30));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (c.embed(req).await, started.elapsed())
+            })
+        })
+        .collect();
+    // Three requests whose clients give up while they are queued.
+    let abandoned: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = client.clone();
+            let req = embed_request(vec![encoded(image.clone())]);
+            tokio::spawn(async move { c.embed(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for call in &abandoned {
+        call.abort();
+    }
+    for call in short {
+        let (result, _elapsed) = call.await.unwrap();
+        let status = result.expect_err("a request past its deadline must not succeed");
+        // tonic's client enforces the deadline itself ("Timeout expired", CANCELLED); a
+        // client that does not gets DEADLINE_EXCEEDED from the server.
+        assert!(
+            status.code() == Code::DeadlineExceeded
+                || (status.code() == Code::Cancelled && status.message().contains("Timeout")),
+            "{status:?}"
+        );
+    }
+    for call in busy {
+        call.await
+            .unwrap()
+            .expect("requests without a deadline complete");
+    }
+    // Let the worker reach the dropped items.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = server.scrape().await;
+    let deadline = metric(
+        &body,
+        r#"cratemae_dropped_requests_total{reason="deadline"}"#,
+    )
+    .unwrap();
+    let cancelled = metric(
+        &body,
+        r#"cratemae_dropped_requests_total{reason="cancelled"}"#,
+    )
+    .unwrap();
+    // Every dropped request is counted exactly once. The split between the two reasons
+    // depends on whose timer fires first (the client's own or the server's), so only its
+    // sum and that deadlines are recognised are asserted.
+    assert_eq!(
+        deadline + cancelled,
+        8.0,
+        "deadline {deadline}, cancelled {cancelled}"
+    );
+    assert!(deadline >= 1.0, "no drop recognised as a deadline");
+    // Only the six busy images were computed: the dropped ones never took a batch slot.
+    assert_eq!(
+        metric(&body, r#"cratemae_batch_size_sum{kind="embed"}"#),
+        Some(6.0)
+    );
+}

@@ -134,11 +134,13 @@ pub struct Item {
 
 impl Item {
     /// Why this item should not be computed, if it should not.
+    /// A passed deadline wins over a closed reply: a client whose own deadline fired also
+    /// resets the stream, and "deadline" is the more useful reason.
     fn drop_reason(&self, now: Instant) -> Option<&'static str> {
-        if self.reply.is_closed() {
-            Some("cancelled")
-        } else if self.deadline.is_some_and(|d| d <= now) {
+        if self.deadline.is_some_and(|d| d <= now) {
             Some("deadline")
+        } else if self.reply.is_closed() {
+            Some("cancelled")
         } else {
             None
         }
@@ -338,9 +340,9 @@ impl Queues {
     }
 }
 
-/// Answers a dropped item (if anyone still listens) and counts it.
+/// Answers a dropped item (if anyone still listens). The request-level guard in the
+/// service counts it, once per request, whether it was dropped here or before queueing.
 pub fn reject(item: Item, reason: &'static str) {
-    telemetry::dropped(reason);
     let err = match reason {
         "deadline" => {
             ServeError::DeadlineExceeded("deadline passed while queued; not computed".into())

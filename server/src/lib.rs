@@ -123,7 +123,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         security::BearerAuth::new(None)
     };
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(service::stamp_arrival));
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         builder = builder.tls_config(security::tls_config(
             cert,

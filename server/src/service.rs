@@ -61,19 +61,25 @@ impl CrateMaeService {
     }
 }
 
+const DEADLINE_SLACK: Duration = Duration::from_millis(2);
+
 /// Decrements the in-flight gauge and records the outcome even if the call is dropped.
+/// A call that ends unanswered (client cancelled, or tonic's deadline layer gave up) or
+/// answered DEADLINE_EXCEEDED counts once in `cratemae_dropped_requests_total`.
 struct CallGuard {
     method: &'static str,
     started: Instant,
+    deadline: Option<Instant>,
     code: Option<tonic::Code>,
 }
 
 impl CallGuard {
-    fn new(method: &'static str) -> Self {
+    fn new(method: &'static str, deadline: Option<Instant>) -> Self {
         telemetry::inflight(1.0);
         Self {
             method,
             started: Instant::now(),
+            deadline,
             code: None,
         }
     }
@@ -82,7 +88,23 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         telemetry::inflight(-1.0);
-        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        // A client that enforces its own deadline (tonic, grpc-go) starts its timer before
+        // the request reaches us and resets the stream a little *before* our deadline: a
+        // drop in the last fifth of the allowed time is counted as the deadline.
+        let expired = self.deadline.is_some_and(|d| {
+            let allowed = d.saturating_duration_since(self.started);
+            d <= Instant::now() + allowed / 5 + DEADLINE_SLACK
+        });
+        let code = match self.code {
+            Some(code) => code,
+            None if expired => tonic::Code::DeadlineExceeded,
+            None => tonic::Code::Cancelled,
+        };
+        match code {
+            tonic::Code::DeadlineExceeded => telemetry::dropped("deadline"),
+            tonic::Code::Cancelled => telemetry::dropped("cancelled"),
+            _ => {}
+        }
         telemetry::request_finished(self.method, code, self.started.elapsed());
     }
 }
@@ -97,7 +119,19 @@ fn request_id<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// The client's deadline from `grpc-timeout` (`<digits><unit>`, unit one of H M S m u n).
+/// When the request reached the server, stamped by [`stamp_arrival`] in the same call chain
+/// as tonic's own deadline timer, so both measure the client's deadline from one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivedAt(pub Instant);
+
+/// Tower request mapper for `Server::builder().layer(MapRequestLayer::new(stamp_arrival))`.
+pub fn stamp_arrival<B>(mut request: http::Request<B>) -> http::Request<B> {
+    request.extensions_mut().insert(ArrivedAt(Instant::now()));
+    request
+}
+
+/// The client's deadline from `grpc-timeout` (`<digits><unit>`, unit one of H M S m u n),
+/// counted from arrival.
 fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
@@ -111,7 +145,11 @@ fn deadline<T>(request: &Request<T>) -> Option<Instant> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Instant::now().checked_add(d)
+    let arrived = request
+        .extensions()
+        .get::<ArrivedAt>()
+        .map_or_else(Instant::now, |a| a.0);
+    arrived.checked_add(d)
 }
 
 /// Runs one unary call with its span, metrics and request id.
@@ -127,7 +165,7 @@ where
     let id = request_id(&request);
     let deadline = deadline(&request);
     let span = tracing::info_span!("request", method, request_id = %id);
-    let mut guard = CallGuard::new(method);
+    let mut guard = CallGuard::new(method, deadline);
     let result = handler(request.into_inner(), deadline)
         .instrument(span.clone())
         .await;
@@ -445,7 +483,7 @@ impl pb::crate_mae_server::CrateMae for CrateMaeService {
             .map(move |msg| {
                 let state = Arc::clone(&state);
                 async move {
-                    let mut guard = CallGuard::new("EmbedStream");
+                    let mut guard = CallGuard::new("EmbedStream", None);
                     let result = match msg {
                         Ok(req) => state.embed(req, None).await.map_err(Status::from),
                         Err(status) => Err(status),
