@@ -1142,3 +1142,325 @@ async fn expired_and_cancelled_requests_are_dropped_before_compute() {
         Some(6.0)
     );
 }
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+fn png_with(
+    width: u32,
+    height: u32,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    palette: Option<Vec<u8>>,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(color);
+        enc.set_depth(depth);
+        if let Some(p) = palette {
+            enc.set_palette(p);
+        }
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(data).unwrap();
+    }
+    out
+}
+
+/// A PNG whose header declares `width × height` but carries almost no data: a decompression
+/// bomb if anything allocated by the header.
+fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = png_with(
+        1,
+        1,
+        png::ColorType::Rgb,
+        png::BitDepth::Eight,
+        None,
+        &[0, 0, 0],
+    );
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    // Fix the IHDR CRC so only the size is hostile.
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The hostile-input corpus (RELIABILITY.md): each input gets the expected status with a
+/// message, the server answers a good request after every one, and memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_corpus() {
+    let (server, mut client) = Server::ready(
+        &["--max-image-pixels", "20000000", "--max-message-mib", "4"],
+        &[],
+    )
+    .await;
+    let pid = server.child.id().unwrap();
+    let good = png(5);
+    let jpeg = encode(&picture(4, 120, 90), ImageFormat::Jpeg);
+    let noise = |seed: u32, n: usize| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8)
+            .collect()
+    };
+    let mut corrupt_png = good.clone();
+    let mid = corrupt_png.len() / 2;
+    corrupt_png[mid..mid + 16]
+        .iter_mut()
+        .for_each(|b| *b ^= 0x5a);
+    let mut corrupt_jpeg = jpeg.clone();
+    let mid = corrupt_jpeg.len() / 2;
+    corrupt_jpeg[mid..mid + 32]
+        .iter_mut()
+        .for_each(|b| *b = 0xff);
+    let n = (3 * IMAGE_SIZE * IMAGE_SIZE) as usize;
+    let raw = |data: Vec<f32>| Image {
+        encoded: vec![],
+        tensor: Some(RawTensor {
+            shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
+            data,
+        }),
+    };
+    let mut with_inf = vec![0.0; n];
+    with_inf[1] = f32::INFINITY;
+    let grey16: Vec<u8> = (0..64 * 48)
+        .flat_map(|i: u32| ((i * 37) as u16).to_be_bytes())
+        .collect();
+    let palette: Vec<u8> = (0..16u8)
+        .flat_map(|i| [i * 16, 255 - i * 16, 128])
+        .collect();
+    let indexed: Vec<u8> = (0..50 * 40).map(|i: u32| (i % 16) as u8).collect();
+    let rgba: Vec<u8> = (0..40 * 40)
+        .flat_map(|i: u32| [(i % 255) as u8, 10, 200, (i % 7 * 30) as u8])
+        .collect();
+    let wide = encode(&picture(1, 4000, 1), ImageFormat::Png);
+    let tall = encode(&picture(2, 1, 4000), ImageFormat::Png);
+
+    // (name, image, expected code or OK)
+    let cases: Vec<(&str, Image, Option<Code>)> = vec![
+        (
+            "random bytes 1",
+            encoded(noise(1, 1000)),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "random bytes 2",
+            encoded(noise(2, 64 * 1024)),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "PNG magic then garbage",
+            encoded([&good[..8], &noise(3, 500)[..]].concat()),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "truncated PNG",
+            encoded(good[..good.len() * 2 / 3].to_vec()),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "corrupt PNG",
+            encoded(corrupt_png),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "truncated JPEG",
+            encoded(jpeg[..jpeg.len() / 3].to_vec()),
+            None,
+        ),
+        ("corrupt JPEG", encoded(corrupt_jpeg), None),
+        ("zero bytes", encoded(vec![]), Some(Code::InvalidArgument)),
+        (
+            "PNG bomb 100000×100000",
+            encoded(png_bomb(100_000, 100_000)),
+            Some(Code::ResourceExhausted),
+        ),
+        (
+            "PNG bomb 1×2^31",
+            encoded(png_bomb(1, 1 << 31)),
+            Some(Code::ResourceExhausted),
+        ),
+        ("1×4000", encoded(tall), Some(Code::Ok)),
+        ("4000×1", encoded(wide), Some(Code::Ok)),
+        (
+            "16-bit grey",
+            encoded(png_with(
+                64,
+                48,
+                png::ColorType::Grayscale,
+                png::BitDepth::Sixteen,
+                None,
+                &grey16,
+            )),
+            Some(Code::Ok),
+        ),
+        (
+            "palette",
+            encoded(png_with(
+                50,
+                40,
+                png::ColorType::Indexed,
+                png::BitDepth::Eight,
+                Some(palette),
+                &indexed,
+            )),
+            Some(Code::Ok),
+        ),
+        (
+            "RGBA",
+            encoded(png_with(
+                40,
+                40,
+                png::ColorType::Rgba,
+                png::BitDepth::Eight,
+                None,
+                &rgba,
+            )),
+            Some(Code::Ok),
+        ),
+        (
+            "raw wrong shape",
+            Image {
+                encoded: vec![],
+                tensor: Some(RawTensor {
+                    shape: vec![3, 8, 8],
+                    data: vec![0.0; 192],
+                }),
+            },
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "raw wrong length",
+            Image {
+                encoded: vec![],
+                tensor: Some(RawTensor {
+                    shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
+                    data: vec![0.0; 10],
+                }),
+            },
+            Some(Code::InvalidArgument),
+        ),
+        ("raw Inf", raw(with_inf), Some(Code::InvalidArgument)),
+        (
+            "both encoded and raw",
+            Image {
+                encoded: good.clone(),
+                tensor: Some(RawTensor {
+                    shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
+                    data: vec![0.0; n],
+                }),
+            },
+            Some(Code::InvalidArgument),
+        ),
+    ];
+    let rss_before = rss_mib(pid);
+    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
+    for (name, image, expected) in cases {
+        let result = client.embed(embed_request(vec![image])).await;
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        match expected {
+            Some(want) => assert_eq!(code, want, "{name}: {result:?}"),
+            // A damaged JPEG may still decode (baseline JPEG is resilient); anything but a
+            // clean refusal or success is a bug.
+            None => assert!(
+                matches!(code, Code::Ok | Code::InvalidArgument),
+                "{name}: {result:?}"
+            ),
+        }
+        if let Err(status) = &result {
+            assert!(!status.message().is_empty(), "{name}: empty message");
+        }
+        *tally.entry(format!("{code:?}")).or_default() += 1;
+        let ok = client
+            .embed(embed_request(vec![encoded(good.clone())]))
+            .await;
+        assert!(
+            ok.is_ok(),
+            "after {name} the server stopped serving: {ok:?}"
+        );
+    }
+    // Parameters and limits.
+    let complete = |ratio: f32, patches: Vec<u32>| CompleteRequest {
+        image: Some(encoded(good.clone())),
+        mask_ratio: ratio,
+        seed: 0,
+        masked_patches: patches,
+        include_diagnostics: false,
+    };
+    for (name, request, want) in [
+        (
+            "mask ratio -1",
+            complete(-1.0, vec![]),
+            Code::InvalidArgument,
+        ),
+        ("mask ratio 1", complete(1.0, vec![]), Code::InvalidArgument),
+        (
+            "mask ratio NaN",
+            complete(f32::NAN, vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "mask index out of range",
+            complete(0.0, vec![99]),
+            Code::InvalidArgument,
+        ),
+        (
+            "mask index duplicated",
+            complete(0.0, vec![1, 1]),
+            Code::InvalidArgument,
+        ),
+    ] {
+        let status = client.complete(request).await.expect_err(name);
+        assert_eq!(status.code(), want, "{name}");
+        *tally.entry(format!("{want:?}")).or_default() += 1;
+    }
+    let too_many = client
+        .embed(embed_request(vec![encoded(good.clone()); MAX_IMAGES + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::ResourceExhausted);
+    *tally.entry("ResourceExhausted".into()).or_default() += 1;
+    let oversize = client
+        .embed(embed_request(vec![encoded(vec![7u8; 5 << 20])]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(oversize.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{oversize:?}"
+    );
+    *tally.entry(format!("{:?}", oversize.code())).or_default() += 1;
+    assert!(client
+        .embed(embed_request(vec![encoded(good)]))
+        .await
+        .is_ok());
+    let rss_after = rss_mib(pid);
+    eprintln!("hostile corpus: {tally:?}; server RSS {rss_before:.0} → {rss_after:.0} MiB");
+    assert!(
+        rss_after - rss_before < 256.0,
+        "RSS grew from {rss_before:.0} to {rss_after:.0} MiB"
+    );
+}

@@ -250,3 +250,94 @@ mod tests {
         assert!(msg(p.raw(&[3, 32, 32], nan)).contains("NaN"));
     }
 }
+
+/// Property-based fuzzing of request decoding and preprocessing: whatever the bytes, the
+/// result is a correctly sized tensor or an error with a message, never a panic.
+/// `PROPTEST_CASES=100000 cargo test -p crate-mae-server --release fuzz_` for a long run.
+#[cfg(test)]
+mod fuzz {
+    use std::io::Cursor;
+
+    use image::{DynamicImage, ImageFormat, RgbImage};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn prep() -> Preprocessing {
+        Preprocessing {
+            image_size: 32,
+            mean: crate_mae::config::IMAGENET_MEAN,
+            std: crate_mae::config::IMAGENET_STD,
+            max_pixels: 4_000_000,
+        }
+    }
+
+    fn seed_file(format: ImageFormat, w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 5) as u8, (x ^ y) as u8])
+        });
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, format)
+            .unwrap();
+        out.into_inner()
+    }
+
+    fn check(bytes: &[u8]) {
+        match prep().encoded(bytes) {
+            Ok(pixels) => {
+                assert_eq!(pixels.len(), 3 * 32 * 32);
+                assert!(pixels.iter().all(|v| v.is_finite()));
+            }
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+
+    /// Mutations of a valid file: byte flips, truncation, splices.
+    fn mutated(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let len = seed.len();
+        (
+            proptest::collection::vec((0..len, any::<u8>()), 0..24),
+            0..=len,
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        )
+            .prop_map(move |(flips, cut, splice)| {
+                let mut bytes = seed.clone();
+                for (i, v) in flips {
+                    bytes[i] = v;
+                }
+                bytes.truncate(cut.max(8));
+                if let Some(extra) = splice {
+                    bytes.extend(extra);
+                }
+                bytes
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fuzz_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn fuzz_mutated_png(bytes in mutated(seed_file(ImageFormat::Png, 37, 23))) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn fuzz_mutated_jpeg(bytes in mutated(seed_file(ImageFormat::Jpeg, 40, 30))) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn fuzz_raw_tensors(shape in proptest::collection::vec(0u32..70, 0..5), data in proptest::collection::vec(any::<f32>(), 0..4000)) {
+            match prep().raw(&shape, data) {
+                Ok(p) => prop_assert_eq!(p.len(), 3 * 32 * 32),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}

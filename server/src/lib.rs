@@ -73,6 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_image_pixels: config.max_image_pixels,
         ready: OnceLock::new(),
         draining: Default::default(),
+        ledger: Default::default(),
     });
 
     // The model loads on its own thread (it owns the device) while gRPC already answers
@@ -199,7 +200,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             result.context("gRPC server task")?.context("gRPC server")?;
             let join = tokio::task::spawn_blocking(move || worker.join());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), join).await;
-            tracing::info!("drained; exiting");
+            let l = &state.ledger;
+            tracing::info!(
+                admitted = l.admitted.load(Ordering::Relaxed),
+                answered_ok = l.ok.load(Ordering::Relaxed),
+                answered_error = l.failed.load(Ordering::Relaxed),
+                "drained; exiting"
+            );
         }
         Err(_) => tracing::warn!(
             timeout_secs = config.drain_timeout_secs,

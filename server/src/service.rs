@@ -3,7 +3,7 @@
 //! and is counted in the request metrics, including when the client goes away mid-call.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,17 @@ pub struct AppState {
     pub max_image_pixels: u64,
     pub ready: OnceLock<Ready>,
     pub draining: AtomicBool,
+    /// Requests past admission, and how they ended: the shutdown log's "zero lost" check.
+    pub ledger: Ledger,
+}
+
+/// Requests admitted, and answered OK or with an error; `admitted − ok − failed` were
+/// abandoned by their clients (or are still running).
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub admitted: AtomicU64,
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 /// Set once the model is loaded and warmed up.
@@ -268,14 +279,30 @@ impl AppState {
             })
             .unzip();
         self.queues.push(items)?;
+        self.ledger.admitted.fetch_add(1, Ordering::Relaxed);
         let mut outputs = Vec::with_capacity(receivers.len());
+        let mut failure = None;
         for rx in receivers {
-            let result = rx.await.map_err(|_| {
-                ServeError::Unavailable("the model worker stopped before answering".into())
-            })?;
-            outputs.push(result?);
+            match rx.await {
+                Ok(Ok(output)) => outputs.push(output),
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => {
+                    failure = failure.or(Some(ServeError::Unavailable(
+                        "the model worker stopped before answering".into(),
+                    )))
+                }
+            }
         }
-        Ok(outputs)
+        let counter = if failure.is_some() {
+            &self.ledger.failed
+        } else {
+            &self.ledger.ok
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(outputs),
+        }
     }
 
     async fn embed(

@@ -201,6 +201,8 @@ impl Shared {
 struct Stats {
     all: Histogram<u64>,
     ok: Histogram<u64>,
+    /// Latency of refused/failed requests: how fast load shedding answers.
+    failed: Histogram<u64>,
     ok_images: u64,
     status_codes: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
@@ -211,6 +213,7 @@ impl Stats {
         Stats {
             all: new_histogram(),
             ok: new_histogram(),
+            failed: new_histogram(),
             ok_images: 0,
             status_codes: BTreeMap::new(),
             errors: BTreeMap::new(),
@@ -227,6 +230,7 @@ impl Stats {
                 "OK"
             }
             Err(status) => {
+                self.failed.saturating_record(us);
                 let name = crate_mae_server::error::code_name(status.code());
                 let message: String = status.message().chars().take(MAX_ERROR_CHARS).collect();
                 *self.errors.entry(format!("{name}: {message}")).or_default() += 1;
@@ -239,6 +243,9 @@ impl Stats {
     fn merge(&mut self, other: Stats) {
         self.all.add(&other.all).expect("same histogram bounds");
         self.ok.add(&other.ok).expect("same histogram bounds");
+        self.failed
+            .add(&other.failed)
+            .expect("same histogram bounds");
         self.ok_images += other.ok_images;
         for (k, v) in other.status_codes {
             *self.status_codes.entry(k).or_default() += v;
@@ -337,6 +344,14 @@ impl Report {
                 println!("  {p} % in {:.2} ms", ms(v));
             }
         }
+        if !self.stats.failed.is_empty() {
+            println!();
+            println!("Latency of failed/refused requests:");
+            for p in [50, 90, 99] {
+                let v = self.stats.failed.value_at_quantile(p as f64 / 100.0);
+                println!("  {p} % in {:.2} ms", ms(v));
+            }
+        }
         println!();
         println!("Status code distribution:");
         for (code, n) in &self.stats.status_codes {
@@ -371,6 +386,15 @@ impl Report {
                 );
             }
         }
+        let mut failed_percentiles = Map::new();
+        if !self.stats.failed.is_empty() {
+            for p in PERCENTILES {
+                failed_percentiles.insert(
+                    format!("p{p}"),
+                    json!(ms(self.stats.failed.value_at_quantile(p as f64 / 100.0))),
+                );
+            }
+        }
         json!({
             "call": self.call.name(),
             "addr": self.addr,
@@ -388,6 +412,7 @@ impl Report {
             "rps_ok": self.per_second(self.ok_count()),
             "images_per_sec": self.per_second(self.stats.ok_images),
             "latency_percentiles": percentiles,
+            "failed_latency_percentiles": failed_percentiles,
             "status_codes": self.stats.status_codes,
             "errors": self.stats.errors,
         })
