@@ -120,6 +120,10 @@ fn register(build: &[(&'static str, String)]) {
         "cratemae_diagnostics_samples_total",
         "Batches whose diagnostics were computed for these gauges."
     );
+    describe_counter!(
+        "cratemae_auth_failures_total",
+        "Calls refused for a missing or wrong bearer token."
+    );
 
     for method in METHODS {
         for code in CODES {
