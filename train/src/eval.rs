@@ -1,0 +1,294 @@
+//! Frozen-encoder evaluation: k-NN and linear probes on cls / mean pooling, masked-patch
+//! reconstruction against a trivial baseline, and the per-layer white-box picture.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+use crate_mae::{diagnostics, mae, CrateMae, Mask, Pooling, Taps};
+use nalgebra::DMatrix;
+use serde::Serialize;
+
+use crate::data::Split;
+
+/// `n × d` features, row-major.
+pub struct Features {
+    pub values: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Features {
+    fn rows(&self) -> usize {
+        self.values.len() / self.dim
+    }
+}
+
+/// cls and mean-pooled features of every image.
+pub fn features(model: &CrateMae, split: &Split, device: &Device) -> Result<(Features, Features)> {
+    let cfg = model.config();
+    let norm = (cfg.mean[0], cfg.std[0]);
+    let (mut cls, mut mean) = (Vec::new(), Vec::new());
+    let indices: Vec<usize> = (0..split.len()).collect();
+    for chunk in indices.chunks(256) {
+        let tokens = model.embed_tokens(&split.batch(chunk, None, norm, device)?)?;
+        cls.extend(
+            mae::pool(&tokens, Pooling::Cls)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        mean.extend(
+            mae::pool(&tokens, Pooling::Mean)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    Ok((
+        Features {
+            values: cls,
+            dim: cfg.dim,
+        },
+        Features {
+            values: mean,
+            dim: cfg.dim,
+        },
+    ))
+}
+
+/// Normalised pixels as features (the baseline to beat).
+pub fn pixel_features(split: &Split, norm: (f32, f32)) -> Features {
+    Features {
+        values: split
+            .pixels
+            .iter()
+            .map(|&p| (p as f32 / 255.0 - norm.0) / norm.1)
+            .collect(),
+        dim: 32 * 32,
+    }
+}
+
+/// Cosine k-NN accuracy for each `k` (majority vote; ties go to the larger summed similarity).
+pub fn knn(
+    train: &Features,
+    train_labels: &[u8],
+    test: &Features,
+    test_labels: &[u8],
+    ks: &[usize],
+) -> Result<Vec<f64>> {
+    let dev = Device::Cpu;
+    let unit = |f: &Features| -> Result<Tensor> {
+        let t = Tensor::from_slice(&f.values, (f.rows(), f.dim), &dev)?;
+        let n = t
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        Ok(t.broadcast_div(&n)?)
+    };
+    let (tr, te) = (unit(train)?, unit(test)?);
+    let kmax = *ks.iter().max().unwrap_or(&1);
+    let mut correct = vec![0usize; ks.len()];
+    for start in (0..test.rows()).step_by(512) {
+        let len = 512.min(test.rows() - start);
+        let sims: Vec<Vec<f32>> = te.narrow(0, start, len)?.matmul(&tr.t()?)?.to_vec2()?;
+        for (row, sim) in sims.iter().enumerate() {
+            let mut idx: Vec<usize> = (0..sim.len()).collect();
+            idx.select_nth_unstable_by(kmax - 1, |&a, &b| sim[b].total_cmp(&sim[a]));
+            idx.truncate(kmax);
+            idx.sort_by(|&a, &b| sim[b].total_cmp(&sim[a]));
+            for (j, &k) in ks.iter().enumerate() {
+                let mut votes = [(0usize, 0f32); 10];
+                for &i in &idx[..k] {
+                    let v = &mut votes[train_labels[i] as usize];
+                    v.0 += 1;
+                    v.1 += sim[i];
+                }
+                let best = (0..10)
+                    .max_by(|&a, &b| {
+                        votes[a]
+                            .0
+                            .cmp(&votes[b].0)
+                            .then(votes[a].1.total_cmp(&votes[b].1))
+                    })
+                    .unwrap();
+                correct[j] += usize::from(best == test_labels[start + row] as usize);
+            }
+        }
+    }
+    Ok(correct
+        .iter()
+        .map(|&c| c as f64 / test.rows() as f64)
+        .collect())
+}
+
+/// Ridge-regression linear probe on standardised features (one-hot targets). The penalty is
+/// picked on the last `val` training rows, then the probe is refitted on all training rows.
+pub fn ridge_probe(
+    train: &Features,
+    train_labels: &[u8],
+    test: &Features,
+    test_labels: &[u8],
+    val: usize,
+) -> (f64, f64) {
+    let d = train.dim;
+    let (mu, sd): (Vec<f64>, Vec<f64>) = (0..d)
+        .map(|j| {
+            let col = (0..train.rows()).map(|i| train.values[i * d + j] as f64);
+            let n = train.rows() as f64;
+            let m = col.clone().sum::<f64>() / n;
+            let v = col.map(|x| (x - m).powi(2)).sum::<f64>() / n;
+            (m, v.sqrt().max(1e-8))
+        })
+        .unzip();
+    let design = |f: &Features, rows: std::ops::Range<usize>| {
+        DMatrix::from_fn(rows.len(), d + 1, |i, j| {
+            if j == d {
+                1.0
+            } else {
+                (f.values[(rows.start + i) * d + j] as f64 - mu[j]) / sd[j]
+            }
+        })
+    };
+    let onehot = |labels: &[u8]| {
+        DMatrix::from_fn(labels.len(), 10, |i, c| {
+            if labels[i] as usize == c {
+                1.0
+            } else {
+                0.0
+            }
+        })
+    };
+    let fit = |x: &DMatrix<f64>, y: &DMatrix<f64>, alpha: f64| {
+        let mut gram = x.transpose() * x;
+        for i in 0..d {
+            gram[(i, i)] += alpha;
+        }
+        gram.cholesky().map(|c| c.solve(&(x.transpose() * y)))
+    };
+    let accuracy = |x: &DMatrix<f64>, w: &DMatrix<f64>, labels: &[u8]| {
+        let scores = x * w;
+        let hits = (0..labels.len())
+            .filter(|&i| scores.row(i).transpose().argmax().0 == labels[i] as usize)
+            .count();
+        hits as f64 / labels.len() as f64
+    };
+    let n = train.rows();
+    let split = n - val.min(n / 2);
+    let (xa, ya) = (design(train, 0..split), onehot(&train_labels[..split]));
+    let (xv, yv) = (design(train, split..n), &train_labels[split..]);
+    let mut best = (f64::NEG_INFINITY, 1.0);
+    for alpha in [1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4] {
+        if let Some(w) = fit(&xa, &ya, alpha) {
+            let acc = accuracy(&xv, &w, yv);
+            if acc > best.0 {
+                best = (acc, alpha);
+            }
+        }
+    }
+    let w = fit(&design(train, 0..n), &onehot(train_labels), best.1)
+        .expect("ridge system is positive definite");
+    (
+        accuracy(&design(test, 0..test.rows()), &w, test_labels),
+        best.1,
+    )
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconstruction {
+    pub mask_ratio: f32,
+    /// Masked-patch MSE in normalised pixel space (the MAE loss), model vs mean-colour fill.
+    pub model_mse: f64,
+    pub mean_fill_mse: f64,
+}
+
+/// Masked-patch MSE of the model and of filling each masked patch with the image's mean
+/// visible value.
+pub fn reconstruction(
+    model: &CrateMae,
+    split: &Split,
+    ratio: f32,
+    device: &Device,
+) -> Result<Reconstruction> {
+    let cfg = model.config();
+    let norm = (cfg.mean[0], cfg.std[0]);
+    let (mut model_sum, mut fill_sum, mut n) = (0.0, 0.0, 0usize);
+    let indices: Vec<usize> = (0..split.len()).collect();
+    for (b, chunk) in indices.chunks(256).enumerate() {
+        let x = split.batch(chunk, None, norm, device)?;
+        let mask = Mask::random(chunk.len(), cfg.num_patches(), ratio, 7_000 + b as u64)?;
+        let m = mask.to_tensor(device)?;
+        let out = model.complete(&x, &mask, &mut Taps::none())?;
+        let target = model.patchify(&x)?;
+        model_sum += mae::masked_mse(&out.pred, &target, &m)?.to_scalar::<f32>()? as f64
+            * chunk.len() as f64;
+        // Mean of the visible pixels per image, broadcast over every masked patch.
+        let keep = (1.0 - &m)?.unsqueeze(D::Minus1)?; // [B, L, 1]
+        let visible_mean = target
+            .broadcast_mul(&keep)?
+            .sum((1, 2))?
+            .broadcast_div(&(keep.sum((1, 2))? * target.dim(2)? as f64)?)?;
+        let fill = visible_mean
+            .reshape((chunk.len(), 1, 1))?
+            .broadcast_as(target.shape())?
+            .contiguous()?;
+        fill_sum +=
+            mae::masked_mse(&fill, &target, &m)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(Reconstruction {
+        mask_ratio: ratio,
+        model_mse: model_sum / n as f64,
+        mean_fill_mse: fill_sum / n as f64,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerPicture {
+    pub layer: usize,
+    pub coding_rate: f64,
+    pub expansion_rate: f64,
+    pub rate_reduction: f64,
+    pub sparsity: f64,
+}
+
+/// Per-layer coding rate, expansion, ΔR and sparsity averaged over the first `n` images.
+pub fn white_box(
+    model: &CrateMae,
+    split: &Split,
+    n: usize,
+    device: &Device,
+) -> Result<Vec<LayerPicture>> {
+    let cfg = model.config();
+    let norm = (cfg.mean[0], cfg.std[0]);
+    let indices: Vec<usize> = (0..n.min(split.len())).collect();
+    let mut acc: Vec<LayerPicture> = Vec::new();
+    let mut batches = 0.0;
+    for chunk in indices.chunks(128) {
+        let mut taps = diagnostics::taps(cfg);
+        model.encode(&split.batch(chunk, None, norm, device)?, None, &mut taps)?;
+        for l in diagnostics::compute(&taps, cfg)? {
+            let mean = |v: &[f64]| diagnostics::mean_std(v).0;
+            let p = LayerPicture {
+                layer: l.layer,
+                coding_rate: mean(&l.coding_rate),
+                expansion_rate: mean(&l.expansion_rate),
+                rate_reduction: mean(&l.rate_reduction()),
+                sparsity: mean(&l.sparsity),
+            };
+            match acc.get_mut(l.layer) {
+                Some(a) => {
+                    a.coding_rate += p.coding_rate;
+                    a.expansion_rate += p.expansion_rate;
+                    a.rate_reduction += p.rate_reduction;
+                    a.sparsity += p.sparsity;
+                }
+                None => acc.push(p),
+            }
+        }
+        batches += 1.0;
+    }
+    for a in &mut acc {
+        a.coding_rate /= batches;
+        a.expansion_rate /= batches;
+        a.rate_reduction /= batches;
+        a.sparsity /= batches;
+    }
+    Ok(acc)
+}
