@@ -28,6 +28,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version, about = "Pretrain and evaluate CRATE-MAE on Fashion-MNIST")]
 struct Cli {
+    /// Compute threads. Training tensors are small, and candle synchronises its threads on
+    /// every elementwise op: on 2 cores one thread trained 1.65× faster than two (measured
+    /// 27.3 s vs 16.5 s for 8 steps of d128/depth 4, batch 128).
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -286,7 +291,10 @@ fn write_card(dir: &Path, results: &serde_json::Value) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // Read by candle (and rayon) on first use, so it must be set before any tensor op.
+    std::env::set_var("RAYON_NUM_THREADS", cli.threads.max(1).to_string());
+    match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
     }
