@@ -250,12 +250,18 @@ impl Trainer {
                 .push((loss_sum / steps_per_epoch as f64, val_loss));
             self.log.epochs_done = epoch + 1;
             self.log.seconds = seconds_before + started.elapsed().as_secs_f64();
-            bar.println(format!(
+            let line = format!(
                 "epoch {:>3}: train loss {:.4}, validation loss {val_loss:.4} ({:.0} s)",
                 epoch + 1,
                 loss_sum / steps_per_epoch as f64,
                 epoch_start.elapsed().as_secs_f64()
-            ));
+            );
+            // A hidden bar (output not a terminal) swallows its println.
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
             self.save("checkpoint.safetensors")
                 .context("saving the checkpoint")?;
         }
