@@ -147,6 +147,14 @@ impl Trainer {
         Ok(())
     }
 
+    /// The MAE objective for one batch: hide, encode, decode, MSE on the hidden patches.
+    fn masked_loss(&self, x: &Tensor, mask: &Mask) -> Result<Tensor> {
+        let latent = self.model.encode(x, Some(mask), &mut Taps::none())?;
+        let pred = self.model.decode(&latent, &mut Taps::none())?;
+        let mask = mask.to_tensor(&self.device)?;
+        Ok(self.model.loss(x, &pred, &mask, self.cfg.norm_pix_loss)?)
+    }
+
     /// Mean masked-patch loss on `split` with fixed masks (no gradient).
     pub fn evaluate(&self, split: &Split) -> Result<f64> {
         let norm = (self.cfg.mean[0], self.cfg.std[0]);
@@ -160,14 +168,7 @@ impl Trainer {
                 self.recipe.mask_ratio,
                 1_000_000 + b as u64,
             )?;
-            let latent = self.model.encode(&x, Some(&mask), &mut Taps::none())?;
-            let pred = self.model.decode(&latent, &mut Taps::none())?;
-            let loss = self.model.loss(
-                &x,
-                &pred,
-                &mask.to_tensor(&self.device)?,
-                self.cfg.norm_pix_loss,
-            )?;
+            let loss = self.masked_loss(&x, &mask)?;
             sum += loss.detach().to_scalar::<f32>()? as f64 * chunk.len() as f64;
             n += chunk.len();
         }
@@ -216,14 +217,7 @@ impl Trainer {
                     r.mask_ratio,
                     r.seed ^ (step as u64).wrapping_mul(0x9E37_79B9),
                 )?;
-                let latent = self.model.encode(&x, Some(&mask), &mut Taps::none())?;
-                let pred = self.model.decode(&latent, &mut Taps::none())?;
-                let loss = self.model.loss(
-                    &x,
-                    &pred,
-                    &mask.to_tensor(&self.device)?,
-                    self.cfg.norm_pix_loss,
-                )?;
+                let loss = self.masked_loss(&x, &mask)?;
                 let grads = loss.backward()?;
                 self.decay.step(&grads)?;
                 self.no_decay.step(&grads)?;
