@@ -405,6 +405,17 @@ pub fn check_tensors(
         .cloned()
         .collect();
     unexpected.sort();
+    // Depth is counted up to the first missing layer: a layer tensor beyond it means a
+    // tensor of an earlier layer is missing, not a shallower model.
+    if let Some(name) = unexpected
+        .iter()
+        .find(|n| n.starts_with("blocks.") || n.starts_with("decoder_blocks."))
+    {
+        return Err(ModelError::Config(format!(
+            "checkpoint has `{name}`, beyond the {} encoder / {} decoder layers found: a tensor of an earlier layer is missing",
+            cfg.depth, cfg.decoder_depth
+        )));
+    }
     Ok(unexpected)
 }
 

@@ -240,6 +240,22 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         other => panic!("expected MissingTensor, got {other:?}"),
     }
 
+    // A layer with its first tensor missing is an error, not a shallower model.
+    let mut gap = weights.clone();
+    gap.remove("blocks.0.layers.0.0.norm.weight");
+    gap.remove("blocks.1.layers.0.0.norm.weight");
+    checkpoint::save_safetensors(&gap, &cfg, &path)?;
+    let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Config(_)), "{err}");
+    let mut gap = weights.clone();
+    gap.remove("blocks.1.layers.0.0.norm.weight");
+    checkpoint::save_safetensors(&gap, &cfg, &path)?;
+    let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("earlier layer is missing"),
+        "{err}"
+    );
+
     // Mis-shaped tensor.
     let mut misshaped = weights.clone();
     misshaped.insert(

@@ -271,23 +271,19 @@ impl Queues {
         self.wake.notify_all();
     }
 
-    pub fn depth(&self) -> usize {
-        let state = self.lock();
-        state.queues.iter().map(VecDeque::len).sum()
-    }
-
     /// Blocks until a batch should be formed: a full one at any time, a partial one only
     /// when the model thread is idle (or the queues are closing). `None` once closed and empty.
     pub fn next_batch(&self) -> Option<Batch> {
         let mut state = self.lock();
         loop {
             let kind = loop {
-                if let Some(kind) = self.pick(&state) {
-                    let full = state.queues[kind.index()].len() >= self.max_batch_size;
-                    if full || state.closed || self.demand.load(Ordering::Acquire) {
-                        break kind;
-                    }
-                } else if state.closed {
+                // Without demand only a full batch may be prefetched (of whichever kind has
+                // one); with demand, or when draining, the fair choice among waiting kinds.
+                let only_full = !state.closed && !self.demand.load(Ordering::Acquire);
+                if let Some(kind) = self.pick(&state, only_full) {
+                    break kind;
+                }
+                if state.closed && state.queues.iter().all(VecDeque::is_empty) {
                     return None;
                 }
                 state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -323,6 +319,9 @@ impl Queues {
                 continue; // everything picked was stale; look again
             }
             state.served[k] += items.len() as f64 * self.cost[k];
+            // One batch answers the model thread's request for work: the next partial batch
+            // must wait for its next request, not ride on this one.
+            self.demand.store(false, Ordering::Release);
             return Some(Batch {
                 kind,
                 items,
@@ -331,11 +330,13 @@ impl Queues {
         }
     }
 
-    /// The non-empty kind that has been served least.
-    fn pick(&self, state: &State) -> Option<Kind> {
+    /// The kind that has been served least among those with work (with a full batch's
+    /// worth, if `only_full`).
+    fn pick(&self, state: &State, only_full: bool) -> Option<Kind> {
+        let needed = if only_full { self.max_batch_size } else { 1 };
         Kind::ALL
             .into_iter()
-            .filter(|k| !state.queues[k.index()].is_empty())
+            .filter(|k| state.queues[k.index()].len() >= needed)
             .min_by(|a, b| state.served[a.index()].total_cmp(&state.served[b.index()]))
     }
 }
@@ -435,6 +436,7 @@ mod tests {
         q.push(items).unwrap();
         let sizes: Vec<(Kind, usize)> = (0..5)
             .map(|_| {
+                q.set_demand(true); // the model thread asks before each batch
                 let b = q.next_batch().unwrap();
                 (b.kind, b.items.len())
             })
@@ -499,6 +501,19 @@ mod tests {
                 Some(1),
                 "partial: formed on demand"
             );
+        });
+        // That batch used up the demand: the next partial batch waits for a new request.
+        let (four, _r4) = item(Kind::Embed, &a);
+        q.push(vec![four]).unwrap();
+        std::thread::scope(|s| {
+            let batcher = s.spawn(|| q.next_batch().map(|b| b.items.len()));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !batcher.is_finished(),
+                "a stale demand formed a second thin batch"
+            );
+            q.set_demand(true);
+            assert_eq!(batcher.join().unwrap(), Some(1));
         });
     }
 

@@ -171,6 +171,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     model,
                 });
                 set_health(ServingStatus::Serving).await;
+                // Health stays honest if the model thread ever stops outside a drain.
+                let (alive, watched, health) = (worker.alive(), Arc::clone(&state), health.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        if watched.draining.load(Ordering::Acquire) {
+                            break;
+                        }
+                        if !alive.load(Ordering::Acquire) {
+                            tracing::error!("the model thread stopped: NOT_SERVING");
+                            health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+                            break;
+                        }
+                    }
+                });
             }
             Ok(Err(e)) => {
                 queues.close();
@@ -198,8 +214,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     match drained {
         Ok(result) => {
             result.context("gRPC server task")?.context("gRPC server")?;
-            let join = tokio::task::spawn_blocking(move || worker.join());
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), join).await;
+            // A plain thread: a blocking-pool task would hold up the runtime's own shutdown
+            // (e.g. when SIGTERM arrives while the model is still loading).
+            let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                worker.join();
+                let _ = joined_tx.send(());
+            });
+            let _ = joined_rx.recv_timeout(std::time::Duration::from_secs(5));
             let l = &state.ledger;
             tracing::info!(
                 admitted = l.admitted.load(Ordering::Relaxed),

@@ -69,6 +69,15 @@ pub fn load(config: &Config) -> Result<Loaded, String> {
             }
         }
     };
+    let channels = loaded.model.config().in_chans;
+    if channels != 3 {
+        return Err(format!(
+            "the model takes {channels}-channel images; the server feeds RGB (3 channels)"
+        ));
+    }
+    if !loaded.info.unexpected.is_empty() {
+        tracing::warn!(tensors = ?loaded.info.unexpected, "checkpoint tensors not used by the model");
+    }
     let started = std::time::Instant::now();
     for batch in 1..=config.max_batch_size {
         loaded

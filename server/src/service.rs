@@ -420,6 +420,12 @@ impl AppState {
             let indices: Vec<usize> = req.masked_patches.iter().map(|&i| i as usize).collect();
             Mask::from_indices(&[indices], l)?
         };
+        if mask.masked_count(0) == 0 {
+            return Err(ServeError::invalid(format!(
+                "the mask hides no patch (ratio {} of {l} patches rounds down to none): raise mask_ratio",
+                req.mask_ratio
+            )));
+        }
         let image = req
             .image
             .ok_or_else(|| ServeError::invalid("no image: set `image`"))?;

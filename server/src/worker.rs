@@ -26,7 +26,7 @@ pub struct WorkerOptions {
     /// Sample diagnostics for Prometheus on every Nth embedding batch (0: never).
     pub diagnostics_every: u64,
     /// Test hook: an embedding batch containing an image whose first value is exactly this
-    /// panics inside the worker (see `--fault-injection`). `None` in production.
+    /// panics inside the worker (env `CRATE_MAE_FAULT_INJECTION_VALUE`). `None` in production.
     pub panic_trigger: Option<f32>,
 }
 
@@ -121,9 +121,10 @@ impl Worker {
         })
     }
 
-    /// Whether the model thread is running (false after a load failure or at the end).
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+    /// True while the model thread runs (false after a load failure, a crash, or the end),
+    /// for the health watchdog.
+    pub fn alive(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.alive)
     }
 
     /// Waits for both threads after the queues were closed and drained.
