@@ -717,10 +717,10 @@ async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_panic_fails_only_its_batch() {
     let (server, mut client) =
-        Server::ready(&[], &[("CRATE_MAE_FAULT_INJECTION_VALUE", "12345")]).await;
+        Server::ready(&[], &[("CRATE_MAE_FAULT_INJECTION_VALUE", "777.25")]).await;
     let n = (3 * IMAGE_SIZE * IMAGE_SIZE) as usize;
     let mut poison = vec![0.0f32; n];
-    poison[0] = 12345.0;
+    poison[0] = 777.25;
     let status = client
         .embed(embed_request(vec![Image {
             encoded: vec![],
@@ -1365,6 +1365,7 @@ async fn hostile_input_corpus() {
             Some(Code::InvalidArgument),
         ),
         ("raw Inf", raw(with_inf), Some(Code::InvalidArgument)),
+        ("raw 3e38", raw(vec![3e38; n]), Some(Code::InvalidArgument)),
         (
             "both encoded and raw",
             Image {
@@ -1463,4 +1464,29 @@ async fn hostile_input_corpus() {
         rss_after - rss_before < 256.0,
         "RSS grew from {rss_before:.0} to {rss_after:.0} MiB"
     );
+}
+
+/// A bulk stream larger than the admission queue is paced, not failed: an error status
+/// would end the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embed_stream_waits_for_capacity_instead_of_failing() {
+    let (_server, mut client) = Server::ready(&["--max-queue-images", "8"], &[]).await;
+    let requests: Vec<EmbedRequest> = (0..6)
+        .map(|i| embed_request((0..8).map(|j| encoded(png(i * 8 + j))).collect()))
+        .collect();
+    let response = client
+        .embed_stream(futures::stream::iter(requests))
+        .await
+        .unwrap();
+    assert!(response.metadata().get("x-request-id").is_some());
+    let mut stream = response.into_inner();
+    let mut images = 0;
+    while let Some(r) = stream
+        .message()
+        .await
+        .expect("no message of the stream fails")
+    {
+        images += r.embeddings.len();
+    }
+    assert_eq!(images, 48, "6 requests × 8 images through an 8-image queue");
 }

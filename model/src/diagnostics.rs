@@ -60,9 +60,12 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 
 /// Selects the intermediates [`compute`] needs.
 pub fn taps(cfg: &CrateMaeConfig) -> Taps {
-    Taps::only(
-        (0..cfg.depth).flat_map(|i| ["ln1", "qkv", "out"].map(|leaf| format!("enc.{i}.{leaf}"))),
-    )
+    Taps::only(tap_names(cfg))
+}
+
+/// The intermediates [`compute`] reads, to combine with other selections.
+pub fn tap_names(cfg: &CrateMaeConfig) -> impl Iterator<Item = String> {
+    (0..cfg.depth).flat_map(|i| ["ln1", "qkv", "out"].map(|leaf| format!("enc.{i}.{leaf}")))
 }
 
 /// Diagnostics of every encoder layer from a forward pass recorded with [`taps`].

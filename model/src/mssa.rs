@@ -63,7 +63,8 @@ impl Mssa {
     pub fn forward(&self, x: &Tensor, scope: &str, taps: &mut Taps) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let w = self.qkv.forward(x)?;
-        if !taps.is_off() {
+        if !taps.is_off() && taps.wants(&format!("{scope}.qkv")) {
+            // Recorded unscaled, as the official `qkv` output.
             taps.record(scope, "qkv", &(&w / self.qkv_scale)?);
         }
         let w = w

@@ -180,7 +180,7 @@ impl Admission {
             })
             .map_err(|cur| {
                 telemetry::dropped("queue_full");
-                ServeError::ResourceExhausted(format!(
+                ServeError::QueueFull(format!(
                     "server is at capacity ({cur} of {} images queued or running); retry with backoff",
                     self.capacity
                 ))
@@ -406,10 +406,7 @@ mod tests {
     fn admission_is_all_or_nothing_and_released_on_drop() {
         let a = Admission::new(4);
         let three = a.try_admit(3).unwrap();
-        assert!(matches!(
-            a.try_admit(2),
-            Err(ServeError::ResourceExhausted(_))
-        ));
+        assert!(matches!(a.try_admit(2), Err(ServeError::QueueFull(_))));
         assert_eq!(a.in_flight(), 3);
         drop(three);
         assert_eq!(a.in_flight(), 0);

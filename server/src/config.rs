@@ -30,13 +30,13 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Weights (safetensors or PyTorch .pth). Default: the model built into the binary.
+    /// Weights (safetensors or PyTorch .pth). Default: the built-in default model, which
+    /// until the trained one lands is a seeded random-init Tiny (clearly labelled).
     #[arg(long, env = "CRATE_MAE_WEIGHTS")]
     pub weights: Option<PathBuf>,
 
-    /// Official preset (tiny, small, base, large) giving the head count and hyperparameters
-    /// for a checkpoint that does not carry its configuration; or, with no weights and
-    /// `--random-weights`, the size of the random model.
+    /// Official preset (tiny, small, base, large): the head count for a checkpoint that does
+    /// not carry its configuration, or the size of the random-init model.
     #[arg(long, env = "CRATE_MAE_PRESET")]
     pub preset: Option<String>,
 
@@ -79,6 +79,11 @@ pub struct Config {
     /// Largest decoded image, in pixels (width × height); guards against decompression bombs.
     #[arg(long, env = "CRATE_MAE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+
+    /// Memory that image decoding may use at once, in MiB; each image reserves its worst
+    /// case (14 bytes a pixel) before decoding, so concurrent large images wait their turn.
+    #[arg(long, env = "CRATE_MAE_MAX_DECODE_MIB", default_value_t = 1024)]
+    pub max_decode_mib: u32,
 
     /// Largest gRPC message, in MiB.
     #[arg(long, env = "CRATE_MAE_MAX_MESSAGE_MIB", default_value_t = 64)]

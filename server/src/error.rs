@@ -10,9 +10,12 @@ pub enum ServeError {
     /// A parameter is well-formed but outside what this model supports.
     #[error("{0}")]
     OutOfRange(String),
-    /// A limit was hit (queue full, too many images, too many pixels).
+    /// A limit was hit (too many images, too many pixels).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The admission queue is full: transient, worth retrying after a pause.
+    #[error("{0}")]
+    QueueFull(String),
     /// The server is shutting down or the worker is gone.
     #[error("{0}")]
     Unavailable(String),
@@ -32,7 +35,7 @@ impl ServeError {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::OutOfRange(_) => Code::OutOfRange,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::QueueFull(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Cancelled(_) => Code::Cancelled,

@@ -19,6 +19,9 @@ pub struct Preprocessing {
     pub max_pixels: u64,
 }
 
+/// Largest magnitude accepted in a raw tensor.
+const RAW_LIMIT: f32 = 1000.0;
+
 /// A preprocessed image: `[3, S, S]` normalised, row-major.
 pub type Pixels = Vec<f32>;
 
@@ -31,6 +34,23 @@ impl Preprocessing {
     /// Decodes to RGB and resizes/crops to `S × S` (no normalisation): also what clients see
     /// as "the original" in completion pictures.
     pub fn decode_square(&self, bytes: &[u8]) -> Result<RgbImage, ServeError> {
+        let (format, w, h) = self.header(bytes)?;
+        let pixels = u64::from(w) * u64::from(h);
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        // RGBA16 worst case plus decoder scratch.
+        limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+        reader.limits(limits);
+        let decoded = reader
+            .decode()
+            .map_err(|e| ServeError::invalid(format!("cannot decode the {format:?} image: {e}")))?;
+        Ok(self.square(decoded))
+    }
+
+    /// Format and size from the header alone (cheap), with the size limits applied.
+    pub fn header(&self, bytes: &[u8]) -> Result<(ImageFormat, u32, u32), ServeError> {
         if bytes.is_empty() {
             return Err(ServeError::invalid("image is empty (0 bytes)"));
         }
@@ -58,23 +78,20 @@ impl Preprocessing {
                 self.max_pixels
             )));
         }
-        let mut reader = reader();
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(w);
-        limits.max_image_height = Some(h);
-        // RGBA16 worst case plus decoder scratch.
-        limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-        reader.limits(limits);
-        let decoded = reader
-            .decode()
-            .map_err(|e| ServeError::invalid(format!("cannot decode the {format:?} image: {e}")))?;
-        Ok(self.square(decoded))
+        Ok((format, w, h))
+    }
+
+    /// Worst-case memory to decode a `w × h` image, in MiB: the decoded buffer (up to RGBA16,
+    /// 8 bytes a pixel), its RGB8 conversion and the cropped square (3 bytes a pixel each).
+    pub fn decode_mib(w: u32, h: u32) -> u32 {
+        let bytes = u64::from(w) * u64::from(h) * (8 + 3 + 3);
+        bytes.div_ceil(1 << 20).max(1).min(u64::from(u32::MAX)) as u32
     }
 
     /// Centre square of the shorter side, resized to `S × S`: the same framing as "resize the
     /// shorter side to S, centre-crop S × S", but cropping first keeps 1×N images small.
     fn square(&self, image: DynamicImage) -> RgbImage {
-        let rgb = image.to_rgb8();
+        let rgb = image.into_rgb8();
         let (w, h) = rgb.dimensions();
         let side = w.min(h);
         let cropped =
@@ -118,6 +135,13 @@ impl Preprocessing {
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             return Err(ServeError::invalid(format!(
                 "raw tensor value {i} is {} (NaN/Inf are not allowed)",
+                data[i]
+            )));
+        }
+        // Normalised pixels lie within about ±3; huge values would overflow in the model.
+        if let Some(i) = data.iter().position(|v| v.abs() > RAW_LIMIT) {
+            return Err(ServeError::invalid(format!(
+                "raw tensor value {i} is {}: outside ±{RAW_LIMIT} (send pixels normalised with the model's mean/std)",
                 data[i]
             )));
         }

@@ -28,6 +28,9 @@ pub struct AppState {
     pub admission: Arc<Admission>,
     pub max_images_per_request: usize,
     pub max_image_pixels: u64,
+    /// MiB of image decoding allowed at once (see `preprocess`).
+    pub decode_budget: Arc<tokio::sync::Semaphore>,
+    pub decode_budget_mib: u32,
     pub ready: OnceLock<Ready>,
     pub draining: AtomicBool,
     /// Requests past admission, and how they ended: the shutdown log's "zero lost" check.
@@ -231,13 +234,29 @@ fn diagnostics_pb(d: &[crate::batching::ImageDiagnostics]) -> Vec<pb::LayerDiagn
 
 impl AppState {
     /// Decodes/validates one image on the blocking pool.
-    async fn preprocess(
-        ready: &Ready,
-        image: pb::Image,
-        max_pixels: u64,
-    ) -> Result<Pixels, ServeError> {
+    async fn preprocess(&self, ready: &Ready, image: pb::Image) -> Result<Pixels, ServeError> {
         let mut prep = ready.prep.clone();
-        prep.max_pixels = max_pixels;
+        prep.max_pixels = self.max_image_pixels;
+        // Decoding is the one step whose memory a client controls (a small, highly
+        // compressible PNG can declare 40 M pixels): reserve its worst case from a global
+        // budget first, so concurrent decodes cannot take the process past its limit.
+        let _reserved = if image.tensor.is_none() && !image.encoded.is_empty() {
+            let (_, w, h) = prep.header(&image.encoded)?;
+            let mib = Preprocessing::decode_mib(w, h);
+            if mib > self.decode_budget_mib {
+                return Err(ServeError::ResourceExhausted(format!(
+                    "a {w}×{h} image needs about {mib} MiB to decode, above the decode budget of {} MiB",
+                    self.decode_budget_mib
+                )));
+            }
+            let permit = Arc::clone(&self.decode_budget)
+                .acquire_many_owned(mib)
+                .await
+                .map_err(|_| ServeError::Unavailable("server is shutting down".into()))?;
+            Some(permit)
+        } else {
+            None
+        };
         tokio::task::spawn_blocking(move || match (image.encoded.is_empty(), image.tensor) {
             (false, None) => prep.encoded(&image.encoded),
             (true, Some(t)) => prep.raw(&t.shape, t.data),
@@ -356,7 +375,7 @@ impl AppState {
         let pixels = futures::future::join_all(
             req.images
                 .into_iter()
-                .map(|img| Self::preprocess(ready, img, self.max_image_pixels)),
+                .map(|img| self.preprocess(ready, img)),
         )
         .await
         .into_iter()
@@ -400,6 +419,28 @@ impl AppState {
         })
     }
 
+    /// `embed` for streams: an error status would end the whole stream, so a full queue is
+    /// waited out (with backoff, until the stream's deadline) instead of refused. The
+    /// stream's own flow control then paces the client.
+    async fn embed_when_admitted(
+        &self,
+        req: pb::EmbedRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::EmbedResponse, ServeError> {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.embed(req.clone(), deadline).await {
+                Err(ServeError::QueueFull(_))
+                    if deadline.is_none_or(|d| Instant::now() + pause < d) =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn complete(
         &self,
         req: pb::CompleteRequest,
@@ -430,7 +471,7 @@ impl AppState {
             .image
             .ok_or_else(|| ServeError::invalid("no image: set `image`"))?;
         let permits = self.admission.try_admit(1)?;
-        let pixels = Self::preprocess(ready, image, self.max_image_pixels).await?;
+        let pixels = self.preprocess(ready, image).await?;
         let task = Task::Complete(CompleteParams {
             mask: mask.clone(),
             diagnostics: req.include_diagnostics,
@@ -511,14 +552,19 @@ impl pb::crate_mae_server::CrateMae for CrateMaeService {
     ) -> Result<Response<EmbedStream>, Status> {
         self.state.ready()?;
         let state = Arc::clone(&self.state);
+        let id = request_id(&request);
+        let deadline = deadline(&request);
         let inbound = request.into_inner();
         let out = inbound
             .map(move |msg| {
                 let state = Arc::clone(&state);
                 async move {
-                    let mut guard = CallGuard::new("EmbedStream", None);
+                    let mut guard = CallGuard::new("EmbedStream", deadline);
                     let result = match msg {
-                        Ok(req) => state.embed(req, None).await.map_err(Status::from),
+                        Ok(req) => state
+                            .embed_when_admitted(req, deadline)
+                            .await
+                            .map_err(Status::from),
                         Err(status) => Err(status),
                     };
                     guard.code = Some(
@@ -530,7 +576,11 @@ impl pb::crate_mae_server::CrateMae for CrateMaeService {
                 }
             })
             .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(out)))
+        let mut response = Response::new(Box::pin(out) as EmbedStream);
+        if let Ok(v) = MetadataValue::try_from(id.as_str()) {
+            response.metadata_mut().insert("x-request-id", v);
+        }
+        Ok(response)
     }
 
     async fn complete(

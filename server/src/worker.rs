@@ -247,26 +247,30 @@ impl Runner {
                 names.insert(format!("enc.{l}.attn"));
             }
         }
-        let mut taps = if want_diag {
-            let mut t: BTreeSet<String> = (0..cfg.depth)
-                .flat_map(|i| ["ln1", "qkv", "out"].map(|leaf| format!("enc.{i}.{leaf}")))
-                .collect();
-            t.extend(names);
-            Taps::only(t)
-        } else if names.is_empty() {
+        if want_diag {
+            names.extend(diagnostics::tap_names(cfg));
+        }
+        let mut taps = if names.is_empty() {
             Taps::none()
         } else {
             Taps::only(names)
         };
         let latent = self.model.encode(input, None, &mut taps)?;
-        let diag = if want_diag {
-            let d = diagnostics::compute(&taps, cfg)?;
-            if sampled {
-                telemetry::diagnostics(&d);
+        let requested = params.iter().any(|p| p.diagnostics);
+        let diag = match want_diag.then(|| diagnostics::compute(&taps, cfg)) {
+            Some(Ok(d)) => {
+                if sampled {
+                    telemetry::diagnostics(&d);
+                }
+                Some(d)
             }
-            Some(d)
-        } else {
-            None
+            // Sampled for Prometheus only: nobody asked, so a failure must not fail the batch.
+            Some(Err(e)) if !requested => {
+                tracing::warn!(error = %e, "skipping a diagnostics sample");
+                None
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => None,
         };
         // Every distinct token source comes to the host once.
         let host = |t: &Tensor| -> Result<Vec<f32>, ServeError> {
