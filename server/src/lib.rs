@@ -5,6 +5,7 @@
 //! through [`service`]. [`telemetry`] holds logs and metrics; [`config`] the one config struct.
 
 pub mod batching;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod imaging;

@@ -22,19 +22,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use crate_mae_server::pb;
 use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
+use crate_mae_server::{client, pb};
 use image::{imageops::FilterType, GenericImageView, RgbImage};
 use serde_json::{json, Value};
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// Largest response the client accepts (embeddings with patch tokens can be large).
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// White gap between the panels of the `complete` output.
 const PANEL_GAP: u32 = 2;
 
@@ -159,22 +157,10 @@ impl Ctx {
             anyhow::bail!("--timeout must be a positive number of seconds");
         }
         let timeout = Duration::from_secs_f64(cli.timeout);
-        let endpoint = Endpoint::from_shared(cli.addr.clone())
-            .map_err(|e| anyhow::anyhow!("invalid --addr {:?}: {e}", cli.addr))?
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .tcp_nodelay(true);
+        let endpoint = client::endpoint(&cli.addr, timeout.min(Duration::from_secs(10)))?;
         // Lazy: connection failures surface as UNAVAILABLE statuses on the first call.
         let channel = endpoint.connect_lazy();
-        let auth = match &cli.token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| {
-                        anyhow::anyhow!("--token contains characters not allowed in gRPC metadata")
-                    })?,
-            ),
-            None => None,
-        };
+        let auth = client::bearer(cli.token.as_deref())?;
         Ok(Ctx {
             channel,
             timeout,
@@ -183,7 +169,7 @@ impl Ctx {
     }
 
     fn client(&self) -> CrateMaeClient<Channel> {
-        CrateMaeClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+        client::crate_mae(self.channel.clone())
     }
 
     fn request<T>(&self, message: T) -> Request<T> {

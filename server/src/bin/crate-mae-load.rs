@@ -25,18 +25,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use crate_mae_server::pb;
 use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
+use crate_mae_server::{client, pb};
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-/// Largest response accepted from the server.
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// Percentiles reported (of OK requests).
 const PERCENTILES: [u32; 7] = [10, 25, 50, 75, 90, 95, 99];
 /// Error messages are truncated to this many characters in the error distribution.
@@ -454,22 +452,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let auth = args
-        .token
-        .as_ref()
-        .map(|t| {
-            format!("Bearer {t}")
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| {
-                    anyhow::anyhow!("--token contains characters not allowed in gRPC metadata")
-                })
-        })
-        .transpose()?;
-
-    let endpoint = Endpoint::from_shared(args.addr.clone())
-        .with_context(|| format!("invalid --addr {:?}", args.addr))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
+    let auth = client::bearer(args.token.as_deref())?;
+    let endpoint = client::endpoint(&args.addr, Duration::from_secs(10))?;
     let mut clients = Vec::with_capacity(args.connections as usize);
     for _ in 0..args.connections {
         // Each `connect` opens its own HTTP/2 connection.
@@ -477,7 +461,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .connect()
             .await
             .with_context(|| format!("cannot connect to {}", args.addr))?;
-        clients.push(CrateMaeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES));
+        clients.push(client::crate_mae(channel));
     }
 
     let limiter = (args.rps > 0.0).then(|| {
