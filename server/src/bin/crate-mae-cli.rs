@@ -81,9 +81,10 @@ enum Command {
     },
     /// Mask patches of an image, let the model fill them in, write a side-by-side PNG.
     Complete {
-        /// PNG or JPEG file.
-        image: PathBuf,
-        /// Output image: original | masked input | reconstruction.
+        /// PNG or JPEG files; each becomes one row of the output.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Output image: per input, a row original | masked input | reconstruction.
         #[arg(short, long)]
         output: PathBuf,
         /// Fraction of patches to hide, in [0, 1).
@@ -95,7 +96,7 @@ enum Command {
         /// Hide exactly these patches (row-major indices) instead of a random mask.
         #[arg(long, value_delimiter = ',')]
         mask_patches: Vec<u32>,
-        /// Also write the raw reconstruction PNG (every patch predicted) here.
+        /// Also write the raw reconstruction PNG (every patch predicted) here (one input only).
         #[arg(long)]
         raw_output: Option<PathBuf>,
     },
@@ -370,33 +371,81 @@ fn decode_png(bytes: &[u8], what: &str) -> anyhow::Result<RgbImage> {
 }
 
 /// Panels left to right on a white canvas, `PANEL_GAP` pixels apart, top-aligned.
-fn side_by_side(panels: &[&RgbImage]) -> RgbImage {
-    let width = panels.iter().map(|p| p.width()).sum::<u32>()
-        + PANEL_GAP * (panels.len().saturating_sub(1) as u32);
-    let height = panels.iter().map(|p| p.height()).max().unwrap_or(0);
-    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    let mut x = 0i64;
+/// Panels in a row (or, `vertical`, a column) with white gaps between them.
+fn tile(panels: &[&RgbImage], vertical: bool) -> RgbImage {
+    let gaps = PANEL_GAP * (panels.len().saturating_sub(1) as u32);
+    let along = |p: &RgbImage| if vertical { p.height() } else { p.width() };
+    let across = |p: &RgbImage| if vertical { p.width() } else { p.height() };
+    let length = panels.iter().map(|p| along(p)).sum::<u32>() + gaps;
+    let breadth = panels.iter().map(|p| across(p)).max().unwrap_or(0);
+    let (w, h) = if vertical {
+        (breadth, length)
+    } else {
+        (length, breadth)
+    };
+    let mut canvas = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut offset = 0i64;
     for p in panels {
-        image::imageops::replace(&mut canvas, *p, x, 0);
-        x += (p.width() + PANEL_GAP) as i64;
+        let (x, y) = if vertical { (0, offset) } else { (offset, 0) };
+        image::imageops::replace(&mut canvas, *p, x, y);
+        offset += (along(p) + PANEL_GAP) as i64;
     }
     canvas
 }
 
 async fn complete(
     ctx: &Ctx,
-    image_path: &Path,
+    image_paths: &[PathBuf],
     output: &Path,
     mask_ratio: f32,
     seed: u64,
     mask_patches: Vec<u32>,
     raw_output: Option<&Path>,
 ) -> CliResult<()> {
-    let bytes = read_file(image_path)?;
+    if raw_output.is_some() && image_paths.len() > 1 {
+        return Err(anyhow::anyhow!("--raw-output takes a single input image").into());
+    }
     let mut client = ctx.client();
     let info = ctx
         .call(client.get_model_info(ctx.request(pb::GetModelInfoRequest {})))
         .await?;
+    let mut rows = Vec::with_capacity(image_paths.len());
+    for image_path in image_paths {
+        rows.push(
+            complete_one(
+                ctx,
+                &mut client,
+                &info,
+                image_path,
+                mask_ratio,
+                seed,
+                mask_patches.clone(),
+                raw_output,
+            )
+            .await?,
+        );
+    }
+    let canvas = tile(&rows.iter().collect::<Vec<_>>(), true);
+    canvas
+        .save(output)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+/// One completion: returns the row original | masked input | composite.
+#[allow(clippy::too_many_arguments)]
+async fn complete_one(
+    ctx: &Ctx,
+    client: &mut CrateMaeClient<Channel>,
+    info: &pb::ModelInfo,
+    image_path: &Path,
+    mask_ratio: f32,
+    seed: u64,
+    mask_patches: Vec<u32>,
+    raw_output: Option<&Path>,
+) -> CliResult<RgbImage> {
+    let bytes = read_file(image_path)?;
     let original = preprocess_for_display(&bytes, info.image_size)
         .map_err(|e| anyhow::anyhow!("cannot decode {}: {e}", image_path.display()))?;
 
@@ -413,10 +462,7 @@ async fn complete(
 
     let masked = decode_png(&response.masked_input, "masked_input")?;
     let composite = decode_png(&response.composite, "composite")?;
-    let canvas = side_by_side(&[&original, &masked, &composite]);
-    canvas
-        .save(output)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    let row = tile(&[&original, &masked, &composite], false);
     if let Some(raw) = raw_output {
         std::fs::write(raw, &response.reconstruction)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", raw.display()))?;
@@ -424,7 +470,8 @@ async fn complete(
 
     let grid = response.grid_size;
     eprintln!(
-        "masked {} of {} patches (grid {grid}x{grid}); masked_patch_mse {:.6}",
+        "{}: masked {} of {} patches (grid {grid}x{grid}); masked_patch_mse {:.6}",
+        image_path.display(),
         response.masked_patches.len(),
         grid * grid,
         response.masked_patch_mse
@@ -434,11 +481,10 @@ async fn complete(
         elapsed.as_secs_f64() * 1e3,
         timing_text(response.timing.as_ref())
     );
-    eprintln!("wrote {}", output.display());
     if let Some(raw) = raw_output {
         eprintln!("wrote {}", raw.display());
     }
-    Ok(())
+    Ok(row)
 }
 
 fn model_info_json(m: &pb::ModelInfo) -> Value {
@@ -507,7 +553,7 @@ async fn run(cli: Cli) -> CliResult<ExitCode> {
             json,
         } => embed(&ctx, &images, pooling, normalize, layer, diagnostics, json).await?,
         Command::Complete {
-            image,
+            images,
             output,
             mask_ratio,
             seed,
@@ -516,7 +562,7 @@ async fn run(cli: Cli) -> CliResult<ExitCode> {
         } => {
             complete(
                 &ctx,
-                &image,
+                &images,
                 &output,
                 mask_ratio,
                 seed,
