@@ -1490,3 +1490,81 @@ async fn embed_stream_waits_for_capacity_instead_of_failing() {
     }
     assert_eq!(images, 48, "6 requests × 8 images through an 8-image queue");
 }
+
+/// The bundled binaries against a live server: `crate-mae-cli` health/info/embed/complete and
+/// `crate-mae-load`'s JSON report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_and_load_generator_work_against_the_server() {
+    let (server, _) = Server::ready(&[], &[]).await;
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/scene.png");
+    let out = std::env::temp_dir().join(format!("crate-mae-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_crate-mae-cli"))
+            .arg("--addr")
+            .arg(&server.grpc)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let health = cli(&["health", "--service", "cratemae.v1.CrateMae"]);
+    assert!(health.status.success());
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+
+    let info: serde_json::Value = serde_json::from_slice(&cli(&["info"]).stdout).unwrap();
+    let dim = info["dim"].as_u64().unwrap() as usize;
+
+    let embed = cli(&["embed", "--json", fixture]);
+    assert!(
+        embed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&embed.stderr)
+    );
+    let parsed: serde_json::Value = serde_json::from_slice(&embed.stdout).unwrap();
+    assert_eq!(parsed[0]["embedding"].as_array().unwrap().len(), dim);
+
+    let grid = out.join("grid.png");
+    let complete = cli(&["complete", fixture, fixture, "-o", grid.to_str().unwrap()]);
+    assert!(
+        complete.status.success(),
+        "{}",
+        String::from_utf8_lossy(&complete.stderr)
+    );
+    let img = image::open(&grid).unwrap();
+    // Two rows of three 64-px panels with 2-px gaps.
+    assert_eq!(
+        (img.width(), img.height()),
+        (3 * IMAGE_SIZE + 4, 2 * IMAGE_SIZE + 2)
+    );
+
+    let bad = cli(&["embed", "/etc/hostname"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT"));
+
+    let report = out.join("load.json");
+    let load = std::process::Command::new(env!("CARGO_BIN_EXE_crate-mae-load"))
+        .args([
+            "--addr",
+            &server.grpc,
+            "--image",
+            fixture,
+            "-n",
+            "12",
+            "-c",
+            "3",
+            "--json",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["ok_count"], 12);
+    assert_eq!(report["status_codes"]["OK"], 12);
+    let _ = std::fs::remove_dir_all(&out);
+}
