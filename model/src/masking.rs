@@ -141,13 +141,6 @@ impl Mask {
             .collect();
         Tensor::from_vec(flat, (self.batch_size(), self.num_patches()), device)
     }
-
-    /// Visible patch indices of one image, ascending.
-    pub fn visible(&self, image: usize) -> Vec<usize> {
-        (0..self.num_patches())
-            .filter(|&l| !self.masked[image][l])
-            .collect()
-    }
 }
 
 #[cfg(test)]

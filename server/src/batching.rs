@@ -70,6 +70,20 @@ pub enum Task {
 }
 
 impl Task {
+    pub fn embed_params(&self) -> Option<&EmbedParams> {
+        match self {
+            Task::Embed(p) => Some(p),
+            Task::Complete(_) => None,
+        }
+    }
+
+    pub fn complete_params(&self) -> Option<&CompleteParams> {
+        match self {
+            Task::Complete(p) => Some(p),
+            Task::Embed(_) => None,
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Task::Embed(_) => Kind::Embed,

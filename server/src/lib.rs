@@ -71,7 +71,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         queues: Arc::clone(&queues),
         admission: Admission::new(config.max_queue_images),
         max_images_per_request: config.max_images_per_request,
-        max_image_pixels: config.max_image_pixels,
         decode_budget: Arc::new(tokio::sync::Semaphore::new(config.max_decode_mib as usize)),
         decode_budget_mib: config.max_decode_mib,
         ready: OnceLock::new(),

@@ -27,7 +27,6 @@ pub struct AppState {
     pub queues: Arc<Queues>,
     pub admission: Arc<Admission>,
     pub max_images_per_request: usize,
-    pub max_image_pixels: u64,
     /// MiB of image decoding allowed at once (see `preprocess`).
     pub decode_budget: Arc<tokio::sync::Semaphore>,
     pub decode_budget_mib: u32,
@@ -235,8 +234,7 @@ fn diagnostics_pb(d: &[crate::batching::ImageDiagnostics]) -> Vec<pb::LayerDiagn
 impl AppState {
     /// Decodes/validates one image on the blocking pool.
     async fn preprocess(&self, ready: &Ready, image: pb::Image) -> Result<Pixels, ServeError> {
-        let mut prep = ready.prep.clone();
-        prep.max_pixels = self.max_image_pixels;
+        let prep = ready.prep.clone();
         // Decoding is the one step whose memory a client controls (a small, highly
         // compressible PNG can declare 40 M pixels): reserve its worst case from a global
         // budget first, so concurrent decodes cannot take the process past its limit.

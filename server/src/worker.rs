@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
-use crate_mae::{diagnostics, mae, CrateMae, Mask, Pooling, Taps};
+use crate_mae::{diagnostics, mae, CrateMae, Mask, Taps};
 
 use crate::batching::{
     prune, Batch, CompleteOutput, EmbedOutput, ImageDiagnostics, Item, Kind, Output, Queues, Task,
@@ -219,15 +219,7 @@ impl Runner {
     }
 
     fn embed(&self, items: &[Item], input: &Tensor) -> Result<Vec<Output>, ServeError> {
-        let params: Vec<_> = items
-            .iter()
-            .map(|i| match &i.task {
-                Task::Embed(p) => Ok(p),
-                Task::Complete(_) => Err(ServeError::Internal(
-                    "complete item in an embed batch".into(),
-                )),
-            })
-            .collect::<Result<_, _>>()?;
+        let params = batch_params(items, Task::embed_params)?;
         if let Some(trigger) = self.options.panic_trigger {
             if items.iter().any(|i| i.pixels.first() == Some(&trigger)) {
                 panic!("fault injection: trigger value seen");
@@ -272,26 +264,22 @@ impl Runner {
             Some(Err(e)) => return Err(e.into()),
             None => None,
         };
-        // Every distinct token source comes to the host once.
+        // Only what each item asked for comes to the host: its pooled vector (the model's
+        // own `pool`), and its patch tokens if requested.
         let host = |t: &Tensor| -> Result<Vec<f32>, ServeError> {
             t.flatten_all().and_then(|t| t.to_vec1()).map_err(internal)
         };
-        let final_tokens = host(&latent)?;
-        let (ntok, d) = (cfg.seq_len(), cfg.dim);
+        let ntok = cfg.seq_len();
         let mut outputs = Vec::with_capacity(items.len());
         for (b, p) in params.iter().enumerate() {
-            let layer_tokens;
-            let tokens: &[f32] = match p.layer {
-                None => &final_tokens[b * ntok * d..(b + 1) * ntok * d],
-                Some(l) => {
-                    let t = taps
-                        .get(&format!("enc.{l}.out"))
-                        .ok_or_else(|| internal("layer tokens missing"))?;
-                    layer_tokens = host(&t.narrow(0, b, 1).map_err(internal)?)?;
-                    &layer_tokens
-                }
+            let source = match p.layer {
+                None => &latent,
+                Some(l) => taps
+                    .get(&format!("enc.{l}.out"))
+                    .ok_or_else(|| internal("layer tokens missing"))?,
             };
-            let mut values = pool_host(tokens, ntok, d, p.pooling);
+            let tokens = source.narrow(0, b, 1).map_err(internal)?;
+            let mut values = host(&mae::pool(&tokens, p.pooling)?)?;
             if p.normalize {
                 let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 values.iter_mut().for_each(|v| *v /= norm);
@@ -314,7 +302,7 @@ impl Runner {
             outputs.push(Output::Embed(EmbedOutput {
                 values,
                 patch_tokens: if p.patch_tokens {
-                    tokens[d..].to_vec()
+                    host(&tokens.narrow(1, 1, ntok - 1).map_err(internal)?)?
                 } else {
                     vec![]
                 },
@@ -330,15 +318,7 @@ impl Runner {
     }
 
     fn complete(&self, items: &[Item], input: &Tensor) -> Result<Vec<Output>, ServeError> {
-        let params: Vec<_> = items
-            .iter()
-            .map(|i| match &i.task {
-                Task::Complete(p) => Ok(p),
-                Task::Embed(_) => Err(ServeError::Internal(
-                    "embed item in a complete batch".into(),
-                )),
-            })
-            .collect::<Result<_, _>>()?;
+        let params = batch_params(items, Task::complete_params)?;
         let cfg = self.model.config();
         let mask = Mask::stack(params.iter().map(|p| &p.mask));
         let want_diag = params.iter().any(|p| p.diagnostics);
@@ -377,22 +357,22 @@ impl Runner {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ServeError {
-    ServeError::Internal(e.to_string())
+/// Every item's parameters for this batch's kind; a mixed batch is a bug.
+fn batch_params<'a, T>(
+    items: &'a [Item],
+    get: fn(&'a Task) -> Option<&'a T>,
+) -> Result<Vec<&'a T>, ServeError> {
+    items
+        .iter()
+        .map(|i| {
+            get(&i.task)
+                .ok_or_else(|| ServeError::Internal("item of the other kind in a batch".into()))
+        })
+        .collect()
 }
 
-fn pool_host(tokens: &[f32], ntok: usize, d: usize, pooling: Pooling) -> Vec<f32> {
-    match pooling {
-        Pooling::Cls => tokens[..d].to_vec(),
-        Pooling::Mean => {
-            let mut sum = vec![0f32; d];
-            for t in tokens[d..ntok * d].chunks_exact(d) {
-                sum.iter_mut().zip(t).for_each(|(s, v)| *s += v);
-            }
-            let n = (ntok - 1) as f32;
-            sum.into_iter().map(|s| s / n).collect()
-        }
-    }
+fn internal(e: impl std::fmt::Display) -> ServeError {
+    ServeError::Internal(e.to_string())
 }
 
 fn per_image(diag: Option<&[crate_mae::LayerDiagnostics]>, b: usize) -> Vec<ImageDiagnostics> {
