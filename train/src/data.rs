@@ -17,6 +17,20 @@ const PAD: usize = (SIDE - RAW) / 2;
 /// Where `apt-get install dataset-fashion-mnist` puts the files.
 pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
+/// Fashion-MNIST's labels, in label order.
+pub const CLASSES: [&str; 10] = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+];
+
 pub struct Split {
     /// `n × 32 × 32` grey pixels in [0, 255], zero padded.
     pub pixels: Vec<u8>,
@@ -132,6 +146,17 @@ impl Split {
         )?)
     }
 
+    /// Image `i` as a 32×32 grey picture, exactly as the model sees it (padded).
+    pub fn image(&self, i: usize) -> image::GrayImage {
+        let plane = SIDE * SIDE;
+        image::GrayImage::from_raw(
+            SIDE as u32,
+            SIDE as u32,
+            self.pixels[i * plane..(i + 1) * plane].to_vec(),
+        )
+        .expect("a plane holds SIDE × SIDE pixels")
+    }
+
     /// Random horizontal flips for a batch.
     pub fn flips(n: usize, rng: &mut impl Rng) -> Vec<bool> {
         (0..n).map(|_| rng.random::<bool>()).collect()
@@ -173,6 +198,14 @@ mod tests {
         assert_eq!(train.labels[0], 9);
         let (mean, std) = train.stats();
         assert!(mean > 0.1 && mean < 0.5 && std > 0.1, "{mean} {std}");
+    }
+
+    #[test]
+    fn image_is_the_padded_plane() {
+        let test = Split::load(&fixtures(), "t10k").unwrap();
+        let img = test.image(3);
+        assert_eq!(img.dimensions(), (32, 32));
+        assert_eq!(img.as_raw().as_slice(), &test.pixels[3 * 1024..4 * 1024]);
     }
 
     #[test]

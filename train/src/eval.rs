@@ -21,35 +21,96 @@ impl Features {
     }
 }
 
-/// cls and mean-pooled features of every image.
-pub fn features(model: &CrateMae, split: &Split, device: &Device) -> Result<(Features, Features)> {
+impl Features {
+    /// Rows `range` as their own feature set.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Features {
+        Features {
+            values: self.values[range.start * self.dim..range.end * self.dim].to_vec(),
+            dim: self.dim,
+        }
+    }
+}
+
+/// A named way of reading one vector per image off the frozen encoder.
+pub struct Readout {
+    /// `{source}.{pooling}`. Sources: `final` (after the encoder's final norm: what `Embed`
+    /// serves by default) or `layer{l}` (block `l`'s output: `Embed` with `layer = l`).
+    /// Poolings: `cls`, `mean`, and `grid{k}`: the patch tokens averaged over a k×k grid of
+    /// regions and concatenated (k²·d values; from `include_patch_tokens`), which keeps the
+    /// coarse layout that a global average throws away.
+    pub name: String,
+    pub features: Features,
+}
+
+/// Region grids for the `grid{k}` readouts: those that divide the patch grid, coarser than it.
+fn region_grids(patch_grid: usize) -> Vec<usize> {
+    [2, 4]
+        .into_iter()
+        .filter(|&k| k < patch_grid && patch_grid % k == 0)
+        .collect()
+}
+
+/// `[B, 1 + L, d]` tokens → `[B, k·k·d]`: patch tokens averaged within each of k×k regions.
+fn grid_pool(tokens: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, n, d) = tokens.dims3()?;
+    let g = ((n - 1) as f64).sqrt() as usize;
+    let patches = tokens.narrow(1, 1, n - 1)?;
+    Ok(patches
+        .reshape((b, k, g / k, k, g / k, d))?
+        .mean(4)?
+        .mean(2)?
+        .reshape((b, k * k * d))?)
+}
+
+/// Every readout of every image, from one encoder pass per batch.
+pub fn readouts(model: &CrateMae, split: &Split, device: &Device) -> Result<Vec<Readout>> {
     let cfg = model.config();
     let norm = (cfg.mean[0], cfg.std[0]);
-    let (mut cls, mut mean) = (Vec::new(), Vec::new());
+    let mut sources: Vec<(String, String)> = (0..cfg.depth)
+        .map(|l| (format!("layer{l}"), format!("enc.{l}.out")))
+        .collect();
+    sources.push(("final".into(), "latent".into()));
+    let grids = region_grids(cfg.img_size / cfg.patch_size);
+    let poolings: Vec<(String, usize)> = [("cls".to_string(), 1), ("mean".to_string(), 1)]
+        .into_iter()
+        .chain(grids.iter().map(|&k| (format!("grid{k}"), k * k)))
+        .collect();
+    let mut out: Vec<Readout> = sources
+        .iter()
+        .flat_map(|(name, _)| {
+            poolings.iter().map(move |(pooling, regions)| Readout {
+                name: format!("{name}.{pooling}"),
+                features: Features {
+                    values: Vec::new(),
+                    dim: regions * cfg.dim,
+                },
+            })
+        })
+        .collect();
     let indices: Vec<usize> = (0..split.len()).collect();
     for chunk in indices.chunks(256) {
-        let tokens = model.embed_tokens(&split.batch(chunk, None, norm, device)?)?;
-        cls.extend(
-            mae::pool(&tokens, Pooling::Cls)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
-        mean.extend(
-            mae::pool(&tokens, Pooling::Mean)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        let mut taps = Taps::only(sources.iter().map(|(_, tap)| tap.clone()));
+        model.encode(&split.batch(chunk, None, norm, device)?, None, &mut taps)?;
+        for (i, (_, tap)) in sources.iter().enumerate() {
+            let tokens = taps
+                .take(tap)
+                .ok_or_else(|| anyhow::anyhow!("the encoder recorded no `{tap}`"))?;
+            let pooled = [
+                mae::pool(&tokens, Pooling::Cls)?,
+                mae::pool(&tokens, Pooling::Mean)?,
+            ]
+            .into_iter()
+            .map(Ok)
+            .chain(grids.iter().map(|&k| grid_pool(&tokens, k)));
+            for (j, features) in pooled.enumerate() {
+                out[poolings.len() * i + j]
+                    .features
+                    .values
+                    .extend(features?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
     }
-    Ok((
-        Features {
-            values: cls,
-            dim: cfg.dim,
-        },
-        Features {
-            values: mean,
-            dim: cfg.dim,
-        },
-    ))
+    Ok(out)
 }
 
 /// Normalised pixels as features (the baseline to beat).
@@ -321,6 +382,79 @@ mod tests {
             }
         }
         (Features { values, dim }, labels)
+    }
+
+    #[test]
+    fn readouts_are_what_embed_serves_for_each_layer_and_pooling() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut test = Split::load(&fixtures, "t10k").unwrap();
+        test.truncate(3);
+        let cfg = crate_mae::CrateMaeConfig {
+            img_size: 32,
+            patch_size: 4,
+            dim: 16,
+            depth: 2,
+            heads: 2,
+            decoder_depth: 1,
+            decoder_num_heads: 2,
+            ..crate_mae::CrateMaeConfig::tiny()
+        };
+        let dev = Device::Cpu;
+        let weights = crate_mae::init::random_weights(&cfg, 5, &dev).unwrap();
+        let model = crate_mae::checkpoint::model_from_tensors(weights, &cfg, &dev).unwrap();
+        let all = readouts(&model, &test, &dev).unwrap();
+        let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+        let expected: Vec<String> = ["layer0", "layer1", "final"]
+            .iter()
+            .flat_map(|s| ["cls", "mean", "grid2", "grid4"].map(|p| format!("{s}.{p}")))
+            .collect();
+        assert_eq!(names, expected);
+        let x = test
+            .batch(&[0, 1, 2], None, (cfg.mean[0], cfg.std[0]), &dev)
+            .unwrap();
+        let expect = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let served = [
+            (
+                "layer0.mean",
+                mae::pool(&model.layer_tokens(&x, 0).unwrap(), Pooling::Mean),
+            ),
+            (
+                "layer1.cls",
+                mae::pool(&model.layer_tokens(&x, 1).unwrap(), Pooling::Cls),
+            ),
+            ("final.cls", model.embed(&x, Pooling::Cls)),
+            ("final.mean", model.embed(&x, Pooling::Mean)),
+        ];
+        for (name, tensor) in served {
+            let got = &all.iter().find(|r| r.name == name).unwrap().features;
+            assert_eq!((got.rows(), got.dim), (3, 16), "{name}");
+            let want = expect(tensor.unwrap());
+            let diff = got
+                .values
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{name}: differs from the served embedding by {diff}"
+            );
+        }
+        // grid2 of image 0, region (row 1, column 0), channel 3: the mean of patch tokens in
+        // patch rows 4..8 and patch columns 0..4 of the 8×8 grid.
+        let tokens: Vec<Vec<Vec<f32>>> = model.embed_tokens(&x).unwrap().to_vec3().unwrap();
+        let region: f32 = (4..8)
+            .flat_map(|r| (0..4).map(move |c| (r, c)))
+            .map(|(r, c)| tokens[0][1 + r * 8 + c][3])
+            .sum::<f32>()
+            / 16.0;
+        let grid2 = &all
+            .iter()
+            .find(|r| r.name == "final.grid2")
+            .unwrap()
+            .features;
+        assert_eq!(grid2.dim, 4 * 16);
+        assert!((grid2.values[2 * 16 + 3] - region).abs() < 1e-5);
     }
 
     #[test]

@@ -343,6 +343,49 @@ mod tests {
         let _ = std::fs::remove_dir_all(&out);
     }
 
+    /// Same seed, same data: bit-identical weights; another seed: different weights.
+    #[test]
+    fn training_is_reproducible_from_its_seed() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut train = Split::load(&fixtures, "train").unwrap();
+        train.truncate(96);
+        let val = train.split_off(32);
+        let cfg = CrateMaeConfig {
+            img_size: 32,
+            patch_size: 8,
+            dim: 16,
+            depth: 1,
+            heads: 2,
+            decoder_depth: 1,
+            decoder_num_heads: 2,
+            ..CrateMaeConfig::tiny()
+        };
+        let weights_after_training = |seed: u64, tag: &str| {
+            let out = std::env::temp_dir()
+                .join(format!("crate-mae-train-seed-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&out);
+            let recipe = Recipe {
+                epochs: 2,
+                seed,
+                ..recipe()
+            };
+            let mut trainer = Trainer::new(cfg.clone(), recipe, &out, false, &Device::Cpu).unwrap();
+            trainer.run(&train, &val).unwrap();
+            let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            bytes
+        };
+        let first = weights_after_training(7, "a");
+        assert!(
+            first == weights_after_training(7, "b"),
+            "same seed, different weights"
+        );
+        assert!(
+            first != weights_after_training(8, "c"),
+            "the seed changed nothing"
+        );
+    }
+
     #[test]
     fn weight_decay_skips_biases_norms_tokens_and_tables() {
         assert!(decays("blocks.0.layers.0.1.fn.weight", 2));
