@@ -11,14 +11,21 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04
 ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
+# ---- sources: the workspace as cargo needs it (every member's manifest and sources) ----------
+# deploy/validate.sh loads the workspace from exactly these paths, so a new member that is
+# missing here fails CI rather than the image build.
+FROM scratch AS sources
+COPY Cargo.toml Cargo.lock /src/
+COPY model /src/model
+COPY server /src/server
+COPY train /src/train
+COPY proto /src/proto
+COPY tests /src/tests
+
 # ---- build (CPU) -----------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS build
+COPY --from=sources /src /src
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY model ./model
-COPY server ./server
-COPY proto ./proto
-COPY tests ./tests
 # Registry and target dir are cache mounts: rebuilding after a source change recompiles only
 # the workspace crates, not the dependency tree.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -56,12 +63,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl gcc pkg-config \
  && rm -rf /var/lib/apt/lists/* \
  && curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_TOOLCHAIN}
+COPY --from=sources /src /src
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY model ./model
-COPY server ./server
-COPY proto ./proto
-COPY tests ./tests
 RUN --mount=type=cache,target=/root/.cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --features cuda --bin crate-mae-server --bin crate-mae-cli \

@@ -3,10 +3,14 @@
 # in-repo load generator.
 #  1. Small model, Embed at concurrency 64: dynamic batching (max batch 8) vs max_batch_size=1.
 #  2. Base model, Embed at concurrency 16 through gRPC vs the in-process encoder at batch 8.
+#  3. The built-in model (what `cargo run --release` serves): Embed and Complete at
+#     concurrency 64 on the Fashion-MNIST fixtures, at max batch 8 (default) and 32.
+# ONLY=small|base|builtin runs one group.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-30}
 IMG=tests/fixtures/scene.png
+ONLY=${ONLY:-}
 cargo build --release -q --bin crate-mae-server --bin crate-mae-load -p crate-mae-server
 cargo build --release -q -p crate-mae --example bench
 SERVER=target/release/crate-mae-server
@@ -15,19 +19,27 @@ echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(n
 
 run() { # name, load args..., -- server args...
   local name=$1; shift
+  case "$name" in "$ONLY"*) ;; *) return 0 ;; esac
   local load_args=() server_args=()
   while [ "$1" != "--" ]; do load_args+=("$1"); shift; done; shift
   server_args=("$@")
-  $SERVER --random-weights --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
+  $SERVER --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
   local pid=$!
   until target/release/crate-mae-cli --addr http://127.0.0.1:50061 health --service cratemae.v1.CrateMae >/dev/null 2>&1; do sleep 0.5; done
   echo "== $name (server: ${server_args[*]})"
-  $LOAD --addr http://127.0.0.1:50061 --image $IMG "${load_args[@]}" --json "target/serving-$name.json" | sed -n '/Summary/,/Status/p;/\[/p'
+  $LOAD --addr http://127.0.0.1:50061 "${load_args[@]}" --json "target/serving-$name.json" | sed -n '/Summary/,/Status/p;/\[/p'
   kill -TERM $pid; wait $pid
 }
 
-run small-batched -c 64 --duration "$DURATION" -n 0 -- --preset small --max-batch-size 8
-run small-batch1 -c 64 --duration "$DURATION" -n 0 -- --preset small --max-batch-size 1
-run base-grpc -c 16 --duration "$DURATION" -n 0 -- --preset base --max-batch-size 8 --diagnostics-every 0
-echo "== base in-process encoder, same machine, same run"
-target/release/examples/bench --sizes base --batches 8 --encoder-only --seconds "$DURATION"
+run small-batched --image $IMG -c 64 --duration "$DURATION" -n 0 -- --random-weights --preset small --max-batch-size 8
+run small-batch1 --image $IMG -c 64 --duration "$DURATION" -n 0 -- --random-weights --preset small --max-batch-size 1
+run base-grpc --image $IMG -c 16 --duration "$DURATION" -n 0 -- --random-weights --preset base --max-batch-size 8 --diagnostics-every 0
+if [ -z "$ONLY" ] || [ "$ONLY" = base ]; then
+  echo "== base in-process encoder, same machine, same run"
+  target/release/examples/bench --sizes base --batches 8 --encoder-only --seconds "$DURATION"
+fi
+fashion=()
+for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
+run builtin-embed "${fashion[@]}" -c 64 --duration "$DURATION" -n 0 --
+run builtin-complete "${fashion[@]}" --call complete -c 64 --duration "$DURATION" -n 0 --
+run builtin-embed-batch32 "${fashion[@]}" -c 64 --duration "$DURATION" -n 0 -- --max-batch-size 32

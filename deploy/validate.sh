@@ -49,6 +49,57 @@ for path in sorted(glob.glob("deploy/ghz/*.json")):
     print(f"  {path}: {cfg['call']}, {msg.ByteSize()} bytes")
 PYEOF
 
+echo "== Docker build context: the sources stage is a complete workspace"
+# Copies what the Dockerfile's sources stage copies (tracked files, minus .dockerignore) and
+# loads the workspace from it offline: a member or an include_bytes! asset left out of the
+# image fails here rather than in `docker build`, which cannot run on these machines.
+context=$(mktemp -d)
+trap 'rm -f "$rules"; rm -rf "$context"' EXIT
+"$PY" - "$context" <<'PYEOF'
+import fnmatch, os, re, shutil, subprocess, sys
+dest = sys.argv[1]
+lines = open("Dockerfile").read().splitlines()
+start = next(i for i, l in enumerate(lines) if re.match(r"FROM scratch AS sources", l))
+sources = []
+for l in lines[start + 1:]:
+    if l.startswith("FROM "):
+        break
+    if l.startswith("COPY "):
+        sources += l.split()[1:-1]
+rules = [l.strip() for l in open(".dockerignore") if l.strip() and not l.startswith("#")]
+
+def match(pattern, parts):
+    pat = pattern.strip("/").split("/")
+    def go(i, j):
+        if i == len(pat):
+            return True  # a matched directory excludes everything below it
+        if pat[i] == "**":
+            return any(go(i + 1, k) for k in range(j, len(parts) + 1))
+        return j < len(parts) and fnmatch.fnmatchcase(parts[j], pat[i]) and go(i + 1, j + 1)
+    return go(0, 0)
+
+def ignored(path):
+    parts, verdict = path.split("/"), False
+    for rule in rules:
+        negate = rule.startswith("!")
+        if match(rule.lstrip("!"), parts):
+            verdict = not negate
+    return verdict
+
+files = subprocess.run(["git", "ls-files", "--", *sources], check=True, capture_output=True, text=True).stdout.split()
+kept = [f for f in files if not ignored(f)]
+for f in kept:
+    os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
+    shutil.copy2(f, os.path.join(dest, f))
+for src in subprocess.run(["git", "ls-files", "*.rs"], check=True, capture_output=True, text=True).stdout.split():
+    for asset in re.findall(r'include_bytes!\(\s*"([^"]+)"', open(src).read()):
+        needed = os.path.normpath(os.path.join(os.path.dirname(src), asset))
+        if os.path.exists(needed) and needed not in kept:
+            sys.exit(f"{src} embeds {needed}, which the Docker context leaves out")
+print(f"  {len(kept)} files from {' '.join(sources)}")
+PYEOF
+cargo metadata --locked --offline --no-deps --format-version 1 --manifest-path "$context/Cargo.toml" >/dev/null
+
 echo "== dashboard JSON"
 "$PY" -m json.tool deploy/grafana/crate-mae-dashboard.json >/dev/null
 echo "ops kit OK"

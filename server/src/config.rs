@@ -30,9 +30,9 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Weights (safetensors or PyTorch .pth). Default: the built-in default model, which
-    /// until the trained one lands is a seeded random-init Tiny (clearly labelled).
-    #[arg(long, env = "CRATE_MAE_WEIGHTS")]
+    /// Weights (safetensors or PyTorch .pth). Default: the built-in model, a CRATE-MAE
+    /// trained on Fashion-MNIST (32×32 px; its model card is in `server/assets/default-model`).
+    #[arg(long, env = "CRATE_MAE_WEIGHTS", conflicts_with = "random_weights")]
     pub weights: Option<PathBuf>,
 
     /// Official preset (tiny, small, base, large): the head count for a checkpoint that does
@@ -49,11 +49,16 @@ pub struct Config {
     pub random_weights: bool,
 
     /// Seed of the random-init model.
-    #[arg(long, env = "CRATE_MAE_SEED", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "CRATE_MAE_SEED",
+        default_value_t = 0,
+        requires = "random_weights"
+    )]
     pub seed: u64,
 
     /// Image size of the random-init model (overrides the preset's 224).
-    #[arg(long, env = "CRATE_MAE_IMAGE_SIZE")]
+    #[arg(long, env = "CRATE_MAE_IMAGE_SIZE", requires = "random_weights")]
     pub image_size: Option<usize>,
 
     /// cpu, cuda[:N] or metal[:N] (the GPU ones need the matching cargo feature).
@@ -170,6 +175,51 @@ impl Config {
             self.complete_cost.is_finite() && self.complete_cost > 0.0,
             "--complete-cost must be positive"
         );
+        anyhow::ensure!(
+            self.preset.is_none() || self.weights.is_some() || self.random_weights,
+            "--preset sets the head count of --weights or the size of --random-weights; the built-in model carries its own configuration"
+        );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("crate-mae-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn model_source_flags_combine_only_in_meaningful_ways() {
+        let plain = parse(&[]).unwrap();
+        assert!(plain.weights.is_none() && !plain.random_weights);
+        plain.validate().unwrap();
+        parse(&[
+            "--random-weights",
+            "--preset",
+            "small",
+            "--image-size",
+            "64",
+            "--seed",
+            "3",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap();
+        parse(&["--weights", "w.pth", "--preset", "base"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        // Random-init settings without --random-weights, or two sources at once: refused.
+        assert!(parse(&["--image-size", "64"]).is_err());
+        assert!(parse(&["--seed", "3"]).is_err());
+        assert!(parse(&["--weights", "w.pth", "--random-weights"]).is_err());
+        let err = parse(&["--preset", "base"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("built-in model"), "{err}");
     }
 }

@@ -1,14 +1,20 @@
-//! Which model is served: a checkpoint file, or the default built into the binary.
+//! Which model is served: a checkpoint file, the built-in default, or a seeded random-init
+//! model (benchmarks and tests; labelled as random on every surface).
 //!
-//! Until the trained default model lands (issue "A trained default model ships"), the
-//! default is a seeded random-init model, and every surface says so: the log, `GetModelInfo`
-//! (`random_weights = true`) and `cratemae_build_info{weights="random-init"}`.
+//! The built-in default is a CRATE-MAE trained from scratch on Fashion-MNIST by
+//! `crate-mae-train` with the recipe in its model card (`server/assets/default-model/`). It is
+//! compiled into the binary, so the server needs no download and no configuration.
 
 use crate_mae::checkpoint::{self, LoadOptions, WeightsFormat, WeightsInfo};
 use crate_mae::{device, init, CrateMae, CrateMaeConfig};
 
 use crate::config::Config;
 use crate::pb;
+
+/// The built-in model's weights (safetensors with the config embedded).
+const BUILT_IN_WEIGHTS: &[u8] = include_bytes!("../assets/default-model/model.safetensors");
+const BUILT_IN_SOURCE: &str =
+    "built-in: CRATE-MAE trained on Fashion-MNIST (server/assets/default-model)";
 
 pub struct Loaded {
     pub model: CrateMae,
@@ -30,8 +36,8 @@ pub fn load(config: &Config) -> Result<Loaded, String> {
         Some(name) => Some(CrateMaeConfig::preset(name).map_err(|e| e.to_string())?),
         None => None,
     };
-    let loaded = match &config.weights {
-        Some(path) if !config.random_weights => {
+    let loaded = match (&config.weights, config.random_weights) {
+        (Some(path), _) => {
             let options = LoadOptions {
                 config: None,
                 heads: config.heads.or(preset.as_ref().map(|p| p.heads)),
@@ -44,7 +50,7 @@ pub fn load(config: &Config) -> Result<Loaded, String> {
                 random: false,
             }
         }
-        _ => {
+        (None, true) => {
             let mut cfg = preset.unwrap_or_else(CrateMaeConfig::tiny);
             if let Some(size) = config.image_size {
                 cfg.img_size = size;
@@ -55,7 +61,7 @@ pub fn load(config: &Config) -> Result<Loaded, String> {
                 .map_err(|e| e.to_string())?;
             tracing::warn!(
                 seed = config.seed,
-                "serving a RANDOM-INIT model (no trained weights given): embeddings and completions are not meaningful"
+                "serving a RANDOM-INIT model (--random-weights): embeddings and completions are not meaningful"
             );
             Loaded {
                 model,
@@ -66,6 +72,20 @@ pub fn load(config: &Config) -> Result<Loaded, String> {
                     unexpected: vec![],
                 },
                 random: true,
+            }
+        }
+        (None, false) => {
+            let (model, info) = checkpoint::load_bytes(
+                BUILT_IN_WEIGHTS,
+                BUILT_IN_SOURCE,
+                &LoadOptions::default(),
+                &device,
+            )
+            .map_err(|e| format!("the built-in model does not load: {e}"))?;
+            Loaded {
+                model,
+                info,
+                random: false,
             }
         }
     };

@@ -46,7 +46,7 @@ pub struct Readout {
 fn region_grids(patch_grid: usize) -> Vec<usize> {
     [2, 4]
         .into_iter()
-        .filter(|&k| k < patch_grid && patch_grid % k == 0)
+        .filter(|&k| k < patch_grid && patch_grid.is_multiple_of(k))
         .collect()
 }
 

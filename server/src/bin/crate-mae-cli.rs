@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
 use crate_mae_server::{client, pb};
 use image::{imageops::FilterType, GenericImageView, RgbImage};
@@ -79,27 +79,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mask patches of an image, let the model fill them in, write a side-by-side PNG.
-    Complete {
-        /// PNG or JPEG files; each becomes one row of the output.
-        #[arg(required = true)]
-        images: Vec<PathBuf>,
-        /// Output image: per input, a row original | masked input | reconstruction.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Fraction of patches to hide, in [0, 1).
-        #[arg(long, default_value_t = 0.75)]
-        mask_ratio: f32,
-        /// Seed of the random mask.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Hide exactly these patches (row-major indices) instead of a random mask.
-        #[arg(long, value_delimiter = ',')]
-        mask_patches: Vec<u32>,
-        /// Also write the raw reconstruction PNG (every patch predicted) here (one input only).
-        #[arg(long)]
-        raw_output: Option<PathBuf>,
-    },
+    /// Mask patches of images, let the model fill them in, write one PNG grid.
+    Complete(CompleteArgs),
     /// Print the served model's configuration as JSON.
     Info,
     /// gRPC health check; exits 0 only if SERVING.
@@ -108,6 +89,35 @@ enum Command {
         #[arg(long, default_value = "")]
         service: String,
     },
+}
+
+#[derive(Args, Debug)]
+struct CompleteArgs {
+    /// PNG or JPEG files; each becomes one row (or column) of the output.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Output image: per input, original | masked input | completion.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Fraction of patches to hide, in [0, 1).
+    #[arg(long, default_value_t = 0.75)]
+    mask_ratio: f32,
+    /// Seed of the random mask (image i uses seed + i, so the masks differ).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Hide exactly these patches (row-major indices) instead of a random mask.
+    #[arg(long, value_delimiter = ',')]
+    mask_patches: Vec<u32>,
+    /// Also write the raw reconstruction PNG (every patch predicted) here (one input only).
+    #[arg(long)]
+    raw_output: Option<PathBuf>,
+    /// Enlarge every panel this many times (nearest neighbour; small models serve 32 px).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    scale: u32,
+    /// One column per image (original, masked, completion from top to bottom) instead of
+    /// one row per image.
+    #[arg(long)]
+    columns: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -393,67 +403,62 @@ fn tile(panels: &[&RgbImage], vertical: bool) -> RgbImage {
     canvas
 }
 
-async fn complete(
-    ctx: &Ctx,
-    image_paths: &[PathBuf],
-    output: &Path,
-    mask_ratio: f32,
-    seed: u64,
-    mask_patches: Vec<u32>,
-    raw_output: Option<&Path>,
-) -> CliResult<()> {
-    if raw_output.is_some() && image_paths.len() > 1 {
+async fn complete(ctx: &Ctx, args: &CompleteArgs) -> CliResult<()> {
+    if args.raw_output.is_some() && args.images.len() > 1 {
         return Err(anyhow::anyhow!("--raw-output takes a single input image").into());
     }
     let mut client = ctx.client();
     let info = ctx
         .call(client.get_model_info(ctx.request(pb::GetModelInfoRequest {})))
         .await?;
-    let mut rows = Vec::with_capacity(image_paths.len());
-    for image_path in image_paths {
-        rows.push(
-            complete_one(
-                ctx,
-                &mut client,
-                &info,
-                image_path,
-                mask_ratio,
-                seed,
-                mask_patches.clone(),
-                raw_output,
-            )
-            .await?,
-        );
+    let mut strips = Vec::with_capacity(args.images.len());
+    for (i, image_path) in args.images.iter().enumerate() {
+        let panels = complete_one(
+            ctx,
+            &mut client,
+            &info,
+            image_path,
+            args.seed + i as u64,
+            args,
+        )
+        .await?
+        .map(|p| enlarge(p, args.scale));
+        strips.push(tile(&panels.each_ref(), args.columns));
     }
-    let canvas = tile(&rows.iter().collect::<Vec<_>>(), true);
+    let canvas = tile(&strips.iter().collect::<Vec<_>>(), !args.columns);
     canvas
-        .save(output)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
-    eprintln!("wrote {}", output.display());
+        .save(&args.output)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.output.display()))?;
+    eprintln!("wrote {}", args.output.display());
     Ok(())
 }
 
-/// One completion: returns the row original | masked input | composite.
-#[allow(clippy::too_many_arguments)]
+fn enlarge(panel: RgbImage, scale: u32) -> RgbImage {
+    if scale == 1 {
+        return panel;
+    }
+    let (w, h) = panel.dimensions();
+    image::imageops::resize(&panel, w * scale, h * scale, FilterType::Nearest)
+}
+
+/// One completion: the panels original, masked input, composite.
 async fn complete_one(
     ctx: &Ctx,
     client: &mut CrateMaeClient<Channel>,
     info: &pb::ModelInfo,
     image_path: &Path,
-    mask_ratio: f32,
     seed: u64,
-    mask_patches: Vec<u32>,
-    raw_output: Option<&Path>,
-) -> CliResult<RgbImage> {
+    args: &CompleteArgs,
+) -> CliResult<[RgbImage; 3]> {
     let bytes = read_file(image_path)?;
     let original = preprocess_for_display(&bytes, info.image_size)
         .map_err(|e| anyhow::anyhow!("cannot decode {}: {e}", image_path.display()))?;
 
     let request = pb::CompleteRequest {
         image: Some(encoded_image(bytes)),
-        mask_ratio,
+        mask_ratio: args.mask_ratio,
         seed,
-        masked_patches: mask_patches,
+        masked_patches: args.mask_patches.clone(),
         include_diagnostics: false,
     };
     let started = Instant::now();
@@ -462,8 +467,7 @@ async fn complete_one(
 
     let masked = decode_png(&response.masked_input, "masked_input")?;
     let composite = decode_png(&response.composite, "composite")?;
-    let row = tile(&[&original, &masked, &composite], false);
-    if let Some(raw) = raw_output {
+    if let Some(raw) = &args.raw_output {
         std::fs::write(raw, &response.reconstruction)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", raw.display()))?;
     }
@@ -481,10 +485,10 @@ async fn complete_one(
         elapsed.as_secs_f64() * 1e3,
         timing_text(response.timing.as_ref())
     );
-    if let Some(raw) = raw_output {
+    if let Some(raw) = &args.raw_output {
         eprintln!("wrote {}", raw.display());
     }
-    Ok(row)
+    Ok([original, masked, composite])
 }
 
 fn model_info_json(m: &pb::ModelInfo) -> Value {
@@ -552,25 +556,7 @@ async fn run(cli: Cli) -> CliResult<ExitCode> {
             diagnostics,
             json,
         } => embed(&ctx, &images, pooling, normalize, layer, diagnostics, json).await?,
-        Command::Complete {
-            images,
-            output,
-            mask_ratio,
-            seed,
-            mask_patches,
-            raw_output,
-        } => {
-            complete(
-                &ctx,
-                &images,
-                &output,
-                mask_ratio,
-                seed,
-                mask_patches,
-                raw_output.as_deref(),
-            )
-            .await?
-        }
+        Command::Complete(args) => complete(&ctx, &args).await?,
         Command::Info => info(&ctx).await?,
         Command::Health { service } => {
             if !health(&ctx, service).await? {

@@ -1,0 +1,125 @@
+//! The built-in trained model: labelled as trained, and its completions beat a trivial
+//! baseline on real Fashion-MNIST test images.
+
+use crate::support::*;
+
+/// Fashion-MNIST test images, one per class, 32×32 as the built-in model sees them (written
+/// by `crate-mae-train samples`).
+fn fashion_mnist_fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fashion-mnist");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Summed squared error (values in [0, 1]) of `prediction` and of a fill with the mean colour
+/// of the visible pixels, over the masked patches only; and how many values were compared.
+fn masked_patch_errors(
+    original: &RgbImage,
+    prediction: &RgbImage,
+    masked: &[u32],
+    patch: u32,
+    grid: u32,
+) -> (f64, f64, usize) {
+    let hidden = |x: u32, y: u32| masked.contains(&((y / patch) * grid + x / patch));
+    let (mut sum, mut visible) = ([0f64; 3], 0usize);
+    for (x, y, p) in original.enumerate_pixels() {
+        if !hidden(x, y) {
+            visible += 1;
+            for c in 0..3 {
+                sum[c] += p[c] as f64 / 255.0;
+            }
+        }
+    }
+    let mean = sum.map(|s| s / visible.max(1) as f64);
+    let (mut model, mut fill, mut n) = (0.0, 0.0, 0);
+    for (x, y, p) in original.enumerate_pixels() {
+        if hidden(x, y) {
+            n += 3;
+            let q = prediction.get_pixel(x, y);
+            for c in 0..3 {
+                let truth = p[c] as f64 / 255.0;
+                model += (q[c] as f64 / 255.0 - truth).powi(2);
+                fill += (mean[c] - truth).powi(2);
+            }
+        }
+    }
+    (model, fill, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn built_in_model_is_trained_and_completes_better_than_mean_colour_fill() {
+    let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !info.random_weights && !info.name.contains("RANDOM"),
+        "{info:?}"
+    );
+    assert!(
+        info.weights_source.starts_with("built-in"),
+        "{}",
+        info.weights_source
+    );
+    assert_eq!((info.image_size, info.weights_sha256.len()), (32, 64));
+
+    let fixtures = fashion_mnist_fixtures();
+    assert_eq!(fixtures.len(), 10, "one image per class");
+    let (mut model, mut fill, mut values, mut wins) = (0.0, 0.0, 0, 0);
+    for (seed, (name, png)) in fixtures.iter().enumerate() {
+        let r = client
+            .complete(CompleteRequest {
+                image: Some(encoded(png.clone())),
+                mask_ratio: 0.75,
+                seed: seed as u64,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let original = image::load_from_memory(png).unwrap().to_rgb8();
+        let composite = image::load_from_memory(&r.composite).unwrap().to_rgb8();
+        assert_eq!(composite.dimensions(), original.dimensions(), "{name}");
+        assert_eq!(r.masked_patches.len(), 48, "{name}: 75 % of 64 patches");
+        let (m, f, n) = masked_patch_errors(
+            &original,
+            &composite,
+            &r.masked_patches,
+            info.patch_size,
+            r.grid_size,
+        );
+        eprintln!(
+            "{name}: masked-patch MSE model {:.4}, mean-colour fill {:.4}",
+            m / n as f64,
+            f / n as f64
+        );
+        wins += usize::from(m < f);
+        (model, fill, values) = (model + m, fill + f, values + n);
+    }
+    let (model, fill) = (model / values as f64, fill / values as f64);
+    eprintln!("all: model {model:.4}, mean-colour fill {fill:.4}, model better on {wins}/10");
+    assert!(
+        model * 3.0 < fill,
+        "the built-in model's completions (MSE {model:.4}) should beat mean-colour fill ({fill:.4}) at least 3×"
+    );
+    assert!(
+        wins >= 8,
+        "the model beats mean fill on only {wins} of 10 images"
+    );
+}

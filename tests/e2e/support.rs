@@ -1,0 +1,262 @@
+//! The server under test (started as a child process on free loopback ports) and the
+//! fixtures and helpers every area shares.
+
+pub use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
+pub use crate_mae_server::pb::{self, CompleteRequest, EmbedRequest, Image, RawTensor};
+pub use image::{DynamicImage, ImageFormat, RgbImage};
+pub use std::net::SocketAddr;
+pub use std::process::Stdio;
+pub use std::time::{Duration, Instant};
+pub use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub use tokio::process::{Child, Command};
+pub use tonic::transport::Channel;
+pub use tonic::Code;
+pub use tonic_health::pb::health_check_response::ServingStatus;
+pub use tonic_health::pb::health_client::HealthClient;
+pub use tonic_health::pb::HealthCheckRequest;
+
+pub const IMAGE_SIZE: u32 = 64;
+
+pub const MAX_IMAGES: usize = 8;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Which weights a test server runs.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Weights {
+    /// Seeded random-init at `IMAGE_SIZE`: small, fast and deterministic.
+    Random,
+    /// The built-in trained model, exactly as `cargo run --release` serves it.
+    BuiltIn,
+}
+
+pub struct Server {
+    pub child: Child,
+    pub grpc: String,
+    pub metrics: SocketAddr,
+    /// Client TLS settings when the server was started with TLS.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl Server {
+    /// Starts the server with a small random model; `extra` flags and env are appended.
+    pub async fn start(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(Weights::Random, extra, env).await
+    }
+
+    pub async fn launch(weights: Weights, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let (gp, mp) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crate-mae-server"));
+        let size = IMAGE_SIZE.to_string();
+        let max_images = MAX_IMAGES.to_string();
+        let grpc_addr = format!("127.0.0.1:{gp}");
+        let metrics_addr = format!("127.0.0.1:{mp}");
+        let defaults = [
+            ("--image-size", size.as_str()),
+            ("--grpc-addr", grpc_addr.as_str()),
+            ("--metrics-addr", metrics_addr.as_str()),
+            ("--max-images-per-request", max_images.as_str()),
+            ("--max-batch-size", "4"),
+            ("--diagnostics-every", "1"),
+            ("--log", "warn"),
+        ];
+        if weights == Weights::Random {
+            cmd.arg("--random-weights");
+        }
+        for (flag, value) in defaults {
+            let random_only = flag == "--image-size" && weights != Weights::Random;
+            if !extra.contains(&flag) && !random_only {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("server binary starts");
+        Self {
+            child,
+            grpc: format!("http://127.0.0.1:{gp}"),
+            metrics: format!("127.0.0.1:{mp}").parse().unwrap(),
+            tls: None,
+        }
+    }
+
+    /// An endpoint for this server (TLS if configured).
+    pub fn endpoint(
+        &self,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> tonic::transport::Endpoint {
+        match tls {
+            Some(tls) => Channel::from_shared(self.grpc.replace("http://", "https://"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap(),
+            None => Channel::from_shared(self.grpc.clone()).unwrap(),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.endpoint(self.tls.clone()).connect().await {
+                Ok(c) => return c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", self.grpc),
+            }
+        }
+    }
+
+    pub async fn health(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        let mut client = HealthClient::new(self.channel().await);
+        let r = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?;
+        Ok(ServingStatus::try_from(r.into_inner().status).unwrap())
+    }
+
+    /// Starts and waits until the model service is SERVING.
+    pub async fn ready(extra: &[&str], env: &[(&str, &str)]) -> (Self, CrateMaeClient<Channel>) {
+        Self::ready_with(Weights::Random, extra, env, None).await
+    }
+
+    pub async fn ready_tls(
+        extra: &[&str],
+        env: &[(&str, &str)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> (Self, CrateMaeClient<Channel>) {
+        Self::ready_with(Weights::Random, extra, env, tls).await
+    }
+
+    pub async fn ready_with(
+        weights: Weights,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> (Self, CrateMaeClient<Channel>) {
+        let mut server = Self::launch(weights, extra, env).await;
+        server.tls = tls;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match server.health("cratemae.v1.CrateMae").await {
+                Ok(ServingStatus::Serving) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "server never became SERVING: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let client =
+            CrateMaeClient::new(server.channel().await).max_decoding_message_size(64 << 20);
+        (server, client)
+    }
+
+    /// Sends `n` single-image embeds of `image` and returns once all `n` are in flight.
+    pub async fn embeds_in_flight(
+        &self,
+        client: &CrateMaeClient<Channel>,
+        image: &[u8],
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<tonic::Response<pb::EmbedResponse>, tonic::Status>>>
+    {
+        let calls = (0..n)
+            .map(|_| {
+                let mut c = client.clone();
+                let req = embed_request(vec![encoded(image.to_vec())]);
+                tokio::spawn(async move { c.embed(req).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metric(&self.scrape().await, "cratemae_inflight_requests").unwrap_or(0.0) < n as f64 {
+            assert!(Instant::now() < deadline, "requests never became in flight");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        calls
+    }
+
+    pub async fn scrape(&self) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+/// A series' value from a Prometheus text exposition (exact label string).
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn picture(seed: u32, w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(31 + seed) ^ y.wrapping_mul(17 + 3 * seed);
+        image::Rgb([
+            (v % 251) as u8,
+            ((x + y + seed) * 3 % 256) as u8,
+            ((x * y) % 199) as u8,
+        ])
+    })
+}
+
+pub fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(img.clone())
+        .write_to(&mut out, format)
+        .unwrap();
+    out.into_inner()
+}
+
+pub fn png(seed: u32) -> Vec<u8> {
+    encode(&picture(seed, 96, 80), ImageFormat::Png)
+}
+
+pub fn encoded(bytes: Vec<u8>) -> Image {
+    Image {
+        encoded: bytes,
+        tensor: None,
+    }
+}
+
+pub fn embed_request(images: Vec<Image>) -> EmbedRequest {
+    EmbedRequest {
+        images,
+        ..Default::default()
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
