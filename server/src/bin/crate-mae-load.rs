@@ -47,9 +47,8 @@ const MAX_ERROR_CHARS: usize = 160;
     about = "ghz-like load generator for the CRATE-MAE gRPC server"
 )]
 struct Args {
-    /// Server address.
-    #[arg(long, env = "CRATE_MAE_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
+    #[command(flatten)]
+    server: client::ServerArgs,
     /// RPC to call.
     #[arg(long, value_enum, default_value_t = CallKind::Embed)]
     call: CallKind,
@@ -80,9 +79,6 @@ struct Args {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Bearer token, sent as `authorization: Bearer <token>`.
-    #[arg(long, env = "CRATE_MAE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -417,19 +413,11 @@ impl Report {
     }
 }
 
-fn positive_seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
-    if v.is_finite() && v > 0.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        anyhow::bail!("{name} must be a positive number of seconds, got {v}")
-    }
-}
-
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let timeout = positive_seconds("--timeout", args.timeout)?;
+    let timeout = client::positive_seconds("--timeout", args.timeout)?;
     let duration = args
         .duration
-        .map(|d| positive_seconds("--duration", d))
+        .map(|d| client::positive_seconds("--duration", d))
         .transpose()?;
     if args.total == 0 && duration.is_none() {
         anyhow::bail!("-n 0 (no request limit) needs --duration");
@@ -452,15 +440,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let auth = client::bearer(args.token.as_deref())?;
-    let endpoint = client::endpoint(&args.addr, Duration::from_secs(10))?;
+    let auth = args.server.bearer()?;
+    let endpoint = args.server.endpoint(Duration::from_secs(10))?;
     let mut clients = Vec::with_capacity(args.connections as usize);
     for _ in 0..args.connections {
         // Each `connect` opens its own HTTP/2 connection.
         let channel = endpoint
             .connect()
             .await
-            .with_context(|| format!("cannot connect to {}", args.addr))?;
+            .with_context(|| format!("cannot connect to {}", args.server.addr))?;
         clients.push(client::crate_mae(channel));
     }
 
@@ -489,7 +477,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     eprintln!(
         "crate-mae-load: {} on {} with {} workers, {} connection(s), {}{}{}",
         args.call.name(),
-        args.addr,
+        args.server.addr,
         args.concurrency,
         args.connections,
         if args.total == 0 {
@@ -516,7 +504,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let report = Report {
         call: args.call,
-        addr: args.addr.clone(),
+        addr: args.server.addr.clone(),
         concurrency: args.concurrency,
         connections: args.connections,
         images_per_request: args.images_per_request,
