@@ -16,7 +16,7 @@ SECONDS_PER=${SECONDS_PER:-3}
 THREADS=${THREADS:-2}
 
 cargo build --release -q -p crate-mae --example bench
-"$PY" bench/pytorch_reference.py --check-golden ../shared/golden/set_a >/dev/null
+"$PY" bench/pytorch_reference.py --check-golden model/tests/golden/set_a >/dev/null
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
 for size in ${SIZES//,/ }; do
   echo "== $size: Rust (candle) =="
