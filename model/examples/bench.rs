@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use crate_mae::{checkpoint, init, CrateMaeConfig, Mask, Taps};
+use crate_mae::{checkpoint, init, CrateMaeConfig, Keep, Mask};
 
 #[derive(Parser)]
 struct Args {
@@ -82,16 +82,18 @@ fn main() -> Result<()> {
             } else {
                 let mask = Mask::random(batch, cfg.num_patches(), 0.75, 0)?;
                 let ips = images_per_second(batch, min, || {
-                    model.complete(&x, &mask, &mut Taps::none())?;
+                    model.complete(&x, &mask)?;
                     Ok(())
                 })?;
                 format!("{ips:.1}")
             };
             let diag = if args.diagnostics {
                 let ips = images_per_second(batch, min, || {
-                    let mut taps = crate_mae::diagnostics::taps(&cfg);
-                    model.encode(&x, None, &mut taps)?;
-                    crate_mae::diagnostics::compute(&taps, &cfg)?;
+                    let keep = Keep {
+                        diagnostics: true,
+                        ..Keep::default()
+                    };
+                    model.encode_keeping(&x, None, &keep)?;
                     Ok(())
                 })?;
                 format!("{:+.0} % time", (enc / ips - 1.0) * 100.0)

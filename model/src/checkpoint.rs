@@ -14,10 +14,13 @@ use sha2::{Digest, Sha256};
 
 use crate::config::CrateMaeConfig;
 use crate::error::{ModelError, Result};
-use crate::mae::CrateMae;
+use crate::mae::{CrateMae, Pooling};
 
 /// Key under which our own safetensors files carry their configuration as JSON.
 pub const CONFIG_METADATA_KEY: &str = "crate_mae.config";
+/// Key under which a safetensors file may declare the pooling its embeddings are best used
+/// with (`cls` or `mean`).
+pub const POOLING_METADATA_KEY: &str = "crate_mae.recommended_pooling";
 
 /// How a tensor is initialised for training (the official recipe).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,6 +161,8 @@ pub struct RawWeights {
     pub format: WeightsFormat,
     /// Configuration stored in the file itself (our safetensors metadata), if any.
     pub embedded_config: Option<CrateMaeConfig>,
+    /// The pooling the file recommends (our safetensors metadata), if any.
+    pub recommended_pooling: Option<Pooling>,
 }
 
 /// Where weights came from, for `GetModelInfo` and logs.
@@ -168,6 +173,8 @@ pub struct WeightsInfo {
     pub sha256: String,
     /// Tensors in the file that the model does not use (optimizer state excluded).
     pub unexpected: Vec<String>,
+    /// The pooling the file recommends, if it says.
+    pub recommended_pooling: Option<Pooling>,
 }
 
 fn checkpoint_error(path: &Path, reason: impl ToString) -> ModelError {
@@ -241,6 +248,16 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         })?),
         None => None,
     };
+    let recommended_pooling = match metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(POOLING_METADATA_KEY))
+    {
+        Some(name) => Some(name.parse::<Pooling>().map_err(|e| {
+            checkpoint_error(here, format!("metadata `{POOLING_METADATA_KEY}`: {e}"))
+        })?),
+        None => None,
+    };
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| checkpoint_error(here, format!("not a valid safetensors file: {e}")))?;
     let mut tensors = HashMap::new();
@@ -253,6 +270,7 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         tensors,
         format: WeightsFormat::Safetensors,
         embedded_config,
+        recommended_pooling,
     })
 }
 
@@ -282,6 +300,7 @@ fn read_pth(path: &Path, device: &Device) -> Result<RawWeights> {
                     tensors,
                     format: WeightsFormat::Pth { layout },
                     embedded_config: None,
+                    recommended_pooling: None,
                 });
             }
             Ok(_) => {}
@@ -471,6 +490,7 @@ fn build(
         mut tensors,
         format,
         embedded_config,
+        recommended_pooling,
     } = raw;
     let cfg = match (&options.config, embedded_config) {
         (Some(cfg), _) => cfg.clone(),
@@ -486,6 +506,7 @@ fn build(
             format,
             sha256,
             unexpected,
+            recommended_pooling,
         },
     ))
 }

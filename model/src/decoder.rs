@@ -5,13 +5,12 @@
 //! Checkpoint paths: `decoder_blocks.{i}.layers.0.0.{norm,fn}` (linear) and
 //! `decoder_blocks.{i}.layers.0.1.{norm,fn}` (MSSA).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::CrateMaeConfig;
 use crate::mssa::Mssa;
 use crate::ops::{LayerNorm, Linear};
-use crate::taps::Taps;
 
 #[derive(Debug, Clone)]
 pub struct DecoderBlock {
@@ -19,12 +18,22 @@ pub struct DecoderBlock {
     linear: Linear,
     ln2: LayerNorm,
     mssa: Mssa,
-    /// Tap scope, `dec.{i}`.
-    scope: String,
+}
+
+/// Every intermediate of one decoder layer (the golden vectors' names).
+#[derive(Debug, Clone)]
+pub struct DecoderBlockTrace {
+    pub ln1: Tensor,
+    pub lin: Tensor,
+    pub ln2: Tensor,
+    pub qkv: Tensor,
+    pub attn: Tensor,
+    pub mssa: Tensor,
+    pub out: Tensor,
 }
 
 impl DecoderBlock {
-    pub fn new(cfg: &CrateMaeConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &CrateMaeConfig, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (cfg.dim, cfg.prenorm_ln_eps);
         let (lin, attn) = (vb.pp("layers.0.0"), vb.pp("layers.0.1"));
         Ok(Self {
@@ -32,22 +41,39 @@ impl DecoderBlock {
             linear: Linear::no_bias(d, d, lin.pp("fn"))?,
             ln2: LayerNorm::new(d, eps, attn.pp("norm"))?,
             mssa: Mssa::new(d, cfg.decoder_num_heads, attn.pp("fn"))?,
-            scope: format!("dec.{index}"),
         })
     }
 
-    pub fn forward(&self, x: &Tensor, taps: &mut Taps) -> Result<Tensor> {
-        let s = self.scope.as_str();
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Undo the sparse coding, then undo the compression.
+        let y = self.linear.forward(&self.ln1.forward(x)?)?;
+        &y - self.mssa.forward(&self.ln2.forward(&y)?)?
+    }
+
+    /// [`DecoderBlock::forward`], keeping every intermediate.
+    pub fn trace(&self, x: &Tensor) -> Result<DecoderBlockTrace> {
         let ln1 = self.ln1.forward(x)?;
-        taps.record(s, "ln1", &ln1);
-        let y = self.linear.forward(&ln1)?;
-        taps.record(s, "lin", &y);
-        let ln2 = self.ln2.forward(&y)?;
-        taps.record(s, "ln2", &ln2);
-        let mssa = self.mssa.forward(&ln2, s, taps)?;
-        taps.record(s, "mssa", &mssa);
-        let out = (y - mssa)?;
-        taps.record(s, "out", &out);
-        Ok(out)
+        let lin = self.linear.forward(&ln1)?;
+        let ln2 = self.ln2.forward(&lin)?;
+        let mssa = self.mssa.trace(&ln2)?;
+        let out = (&lin - &mssa.out)?;
+        Ok(DecoderBlockTrace {
+            ln1,
+            lin,
+            ln2,
+            qkv: mssa.qkv,
+            attn: mssa.attn,
+            mssa: mssa.out,
+            out,
+        })
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            ln1: self.ln1.to_dtype(dtype)?,
+            linear: self.linear.to_dtype(dtype)?,
+            ln2: self.ln2.to_dtype(dtype)?,
+            mssa: self.mssa.to_dtype(dtype)?,
+        })
     }
 }

@@ -5,22 +5,27 @@
 //!   `Σ_h ½ logdet(I_N + dh/(N ε²) X_h X_hᵀ)`, `X_h` = head `h` of `qkv(LN1(z))` (the MSSA
 //!   input projected on that head's subspace) with every token scaled to unit length;
 //! - **expansion rate** `R` of the MSSA input tokens themselves, `Z = LN1(z)` with unit-length
-//!   tokens: `½ logdet(I + d/(N ε²) Z Zᵀ)` (not in the official code; same normalisation so the
-//!   two are comparable);
+//!   tokens: `½ logdet(I + d/(N ε²) Z Zᵀ)` (not in the official code);
 //! - **rate reduction** `ΔR = R − R^c`;
 //! - **sparsity**: fraction of exact zeros in the ISTA output (official `cal_sparsity`).
 //!
+//! `R` and `R^c` are each computed as defined, but not on a common scale: `R^c` sums one term
+//! per head over per-head unit-length projections, `R` is one term over whole unit-length
+//! tokens. LayerNorm outputs share a strong common direction, so `R` is small and `ΔR` is
+//! negative on in-domain data for trained models (the built-in model: about −60 to −110 per
+//! layer). ΔR here is a drift signal to compare with its own in-domain reference, not the
+//! paper's objective value, and its sign carries no meaning on its own.
+//!
 //! Cost: the Gram matrices are batched matmuls on the model's device (`N·k²` per head with
 //! `k = min(N, dh)`, plus `N²·d` for `R`), then a `k×k` Cholesky per head in f64 on the host.
-//! Enabling them also keeps `LN1` outputs and `qkv` alive for every layer. The server samples
-//! batches so the cost stays bounded.
+//! The server samples batches so the cost stays bounded.
 
 use candle_core::{DType, Tensor, D};
 use nalgebra::DMatrix;
 
 use crate::config::CrateMaeConfig;
+use crate::encoder::EncoderBlockTrace;
 use crate::error::{ModelError, Result};
-use crate::taps::Taps;
 
 /// ε² of the official `CodingRate`.
 pub const CODING_RATE_EPS: f64 = 0.01;
@@ -58,32 +63,32 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Selects the intermediates [`compute`] needs.
-pub fn taps(cfg: &CrateMaeConfig) -> Taps {
-    Taps::only(tap_names(cfg))
+/// Diagnostics of one encoder layer from its MSSA input `ln1`, its projection `qkv` and its
+/// output `out` (all `[B, N, d]`).
+pub fn layer(
+    index: usize,
+    ln1: &Tensor,
+    qkv: &Tensor,
+    out: &Tensor,
+    heads: usize,
+) -> Result<LayerDiagnostics> {
+    Ok(LayerDiagnostics {
+        layer: index,
+        coding_rate: coding_rate(qkv, heads, CODING_RATE_EPS)?,
+        expansion_rate: coding_rate(ln1, 1, CODING_RATE_EPS)?,
+        sparsity: zero_fraction(out)?,
+    })
 }
 
-/// The intermediates [`compute`] reads, to combine with other selections.
-pub fn tap_names(cfg: &CrateMaeConfig) -> impl Iterator<Item = String> {
-    (0..cfg.depth).flat_map(|i| ["ln1", "qkv", "out"].map(|leaf| format!("enc.{i}.{leaf}")))
-}
-
-/// Diagnostics of every encoder layer from a forward pass recorded with [`taps`].
-pub fn compute(taps: &Taps, cfg: &CrateMaeConfig) -> Result<Vec<LayerDiagnostics>> {
-    (0..cfg.depth)
-        .map(|i| {
-            let get = |leaf: &str| {
-                let name = format!("enc.{i}.{leaf}");
-                taps.get(&name)
-                    .ok_or_else(|| ModelError::input(format!("diagnostics need `{name}` recorded")))
-            };
-            Ok(LayerDiagnostics {
-                layer: i,
-                coding_rate: coding_rate(get("qkv")?, cfg.heads, CODING_RATE_EPS)?,
-                expansion_rate: coding_rate(get("ln1")?, 1, CODING_RATE_EPS)?,
-                sparsity: zero_fraction(get("out")?)?,
-            })
-        })
+/// Diagnostics of every traced encoder layer.
+pub fn compute(
+    blocks: &[EncoderBlockTrace],
+    cfg: &CrateMaeConfig,
+) -> Result<Vec<LayerDiagnostics>> {
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| layer(i, &b.ln1, &b.qkv, &b.out, cfg.heads))
         .collect()
 }
 

@@ -61,6 +61,19 @@ impl Ista {
         (n + update)?.relu()
     }
 
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            dictionary: self.dictionary.to_dtype(dtype)?,
+            fused: self.fused.as_ref().map(|m| m.to_dtype(dtype)).transpose()?,
+            ..self.clone()
+        })
+    }
+
+    /// `M` as a map (`None` while training), and the threshold `ηλ`, for fused kernels.
+    pub fn fused(&self) -> Option<(&Linear, f64)> {
+        self.fused.as_ref().map(|m| (m, self.threshold))
+    }
+
     /// `ReLU(n·M − ηλ)`; falls back to the three-matmul form while training.
     pub fn forward(&self, n: &Tensor) -> Result<Tensor> {
         match &self.fused {

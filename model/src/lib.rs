@@ -19,12 +19,11 @@ pub mod masking;
 pub mod mssa;
 pub mod ops;
 pub mod patch_embed;
-pub mod taps;
 
 pub use checkpoint::{LoadOptions, WeightsFormat, WeightsInfo};
 pub use config::CrateMaeConfig;
+pub use device::Precision;
 pub use diagnostics::LayerDiagnostics;
 pub use error::{ModelError, Result};
-pub use mae::{Completion, CrateMae, Pooling};
+pub use mae::{Completion, CrateMae, DecoderTrace, Encoded, EncoderTrace, Keep, Pooling};
 pub use masking::Mask;
-pub use taps::Taps;

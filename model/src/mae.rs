@@ -5,17 +5,19 @@
 //! token, and `decoder_pos_embed` is the position table added (the checkpoint's `pos_embed`
 //! and `decoder_embed.*` are unused by the official forward pass).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::CrateMaeConfig;
-use crate::decoder::DecoderBlock;
-use crate::encoder::EncoderBlock;
+use crate::decoder::{DecoderBlock, DecoderBlockTrace};
+use crate::diagnostics::{self, LayerDiagnostics};
+use crate::encoder::{EncoderBlock, EncoderBlockTrace};
 use crate::error::{ModelError, Result};
 use crate::masking::Mask;
 use crate::ops::{LayerNorm, Linear};
 use crate::patch_embed::{patchify, unpatchify, PatchEmbed};
-use crate::taps::Taps;
 
 /// How a `[B, N, d]` token sequence becomes one vector per image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,6 +27,28 @@ pub enum Pooling {
     Cls,
     /// Mean of the patch tokens.
     Mean,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cls => "cls",
+            Self::Mean => "mean",
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cls" => Ok(Self::Cls),
+            "mean" => Ok(Self::Mean),
+            other => Err(ModelError::input(format!(
+                "unknown pooling `{other}` (expected cls or mean)"
+            ))),
+        }
+    }
 }
 
 /// Output of a masked completion.
@@ -38,6 +62,60 @@ pub struct Completion {
     pub composite: Tensor,
     /// `[B, L]`, 1 = masked.
     pub mask: Tensor,
+}
+
+/// What an encoder pass keeps besides the final latent, chosen by layer index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Output tokens of these blocks (before the final norm).
+    pub outputs: BTreeSet<usize>,
+    /// Attention probabilities `[B, H, N, N]` of these blocks.
+    pub attention: BTreeSet<usize>,
+    /// Rate-reduction diagnostics of every block.
+    pub diagnostics: bool,
+}
+
+impl Keep {
+    fn traces(&self, layer: usize) -> bool {
+        self.diagnostics || self.attention.contains(&layer)
+    }
+
+    fn last_layer(&self, depth: usize) -> usize {
+        if self.diagnostics {
+            return depth - 1;
+        }
+        let last = |s: &BTreeSet<usize>| s.last().copied().unwrap_or(0);
+        last(&self.outputs).max(last(&self.attention))
+    }
+}
+
+/// The result of an encoder pass: f32 tensors on the model's device.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[B, 1 + L, d]` after the final norm (`None` when only earlier layers were asked for
+    /// through [`CrateMae::encode_through`]).
+    pub latent: Option<Tensor>,
+    pub outputs: BTreeMap<usize, Tensor>,
+    pub attention: BTreeMap<usize, Tensor>,
+    pub diagnostics: Option<Vec<LayerDiagnostics>>,
+}
+
+/// Every intermediate of an encoder pass, in the model's dtype (parity tests, debugging).
+#[derive(Debug, Clone)]
+pub struct EncoderTrace {
+    pub patch_embed: Tensor,
+    pub enc_input: Tensor,
+    pub blocks: Vec<EncoderBlockTrace>,
+    pub latent: Tensor,
+}
+
+/// Every intermediate of a decoder pass, in the model's dtype.
+#[derive(Debug, Clone)]
+pub struct DecoderTrace {
+    pub blocks: Vec<DecoderBlockTrace>,
+    pub norm: Tensor,
+    pub pred_with_cls: Tensor,
+    pub pred: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -54,17 +132,20 @@ pub struct CrateMae {
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
     device: Device,
+    dtype: DType,
 }
 
 impl CrateMae {
+    /// Builds the model in f32 (derived inference matrices are computed in f32/f64 from the
+    /// f32 weights); [`CrateMae::to_dtype`] converts it afterwards.
     pub fn new(cfg: &CrateMaeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (d, n) = (cfg.dim, cfg.seq_len());
         let blocks = (0..cfg.depth)
-            .map(|i| EncoderBlock::new(cfg, i, vb.pp("blocks").pp(i)))
+            .map(|i| EncoderBlock::new(cfg, vb.pp("blocks").pp(i)))
             .collect::<candle_core::Result<_>>()?;
         let decoder_blocks = (0..cfg.decoder_depth)
-            .map(|i| DecoderBlock::new(cfg, i, vb.pp("decoder_blocks").pp(i)))
+            .map(|i| DecoderBlock::new(cfg, vb.pp("decoder_blocks").pp(i)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             patch_embed: PatchEmbed::new(cfg.in_chans, cfg.patch_size, d, vb.pp("patch_embed"))?,
@@ -77,7 +158,39 @@ impl CrateMae {
             decoder_norm: LayerNorm::new(d, cfg.final_ln_eps, vb.pp("decoder_norm"))?,
             decoder_pred: Linear::new(d, cfg.patch_dim(), vb.pp("decoder_pred"))?,
             device: vb.device().clone(),
+            dtype: vb.dtype(),
             cfg: cfg.clone(),
+        })
+    }
+
+    /// The same model computing in `dtype` (weights converted once; inputs are converted on
+    /// entry and every public output is f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let t = |x: &Tensor| x.to_dtype(dtype);
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            patch_embed: self.patch_embed.to_dtype(dtype)?,
+            cls_token: t(&self.cls_token)?,
+            mask_token: t(&self.mask_token)?,
+            pos_embed: t(&self.pos_embed)?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.to_dtype(dtype))
+                .collect::<candle_core::Result<_>>()?,
+            norm: self.norm.to_dtype(dtype)?,
+            decoder_blocks: self
+                .decoder_blocks
+                .iter()
+                .map(|b| b.to_dtype(dtype))
+                .collect::<candle_core::Result<_>>()?,
+            decoder_norm: self.decoder_norm.to_dtype(dtype)?,
+            decoder_pred: self.decoder_pred.to_dtype(dtype)?,
+            device: self.device.clone(),
+            dtype,
         })
     }
 
@@ -89,8 +202,26 @@ impl CrateMae {
         &self.device
     }
 
+    /// The dtype the model computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn encoder_blocks(&self) -> &[EncoderBlock] {
         &self.blocks
+    }
+
+    pub fn patch_embedding(&self) -> &PatchEmbed {
+        &self.patch_embed
+    }
+
+    pub fn final_norm(&self) -> &LayerNorm {
+        &self.norm
+    }
+
+    /// `cls_token`, `mask_token` and the position table `[1, N, d]`.
+    pub fn tokens(&self) -> (&Tensor, &Tensor, &Tensor) {
+        (&self.cls_token, &self.mask_token, &self.pos_embed)
     }
 
     fn check_images(&self, images: &Tensor) -> Result<usize> {
@@ -105,29 +236,32 @@ impl CrateMae {
         }
     }
 
-    /// Tokens entering block 0: `[cls; patches or mask token] + decoder_pos_embed`.
-    fn encoder_input(
-        &self,
-        images: &Tensor,
-        mask: Option<&Mask>,
-        taps: &mut Taps,
-    ) -> Result<Tensor> {
+    fn check_mask(&self, mask: &Mask, b: usize) -> Result<()> {
+        if mask.batch_size() != b || mask.num_patches() != self.cfg.num_patches() {
+            return Err(ModelError::input(format!(
+                "mask is for {} images × {} patches, the batch has {b} × {}",
+                mask.batch_size(),
+                mask.num_patches(),
+                self.cfg.num_patches()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Patch embeddings and the tokens entering block 0:
+    /// `[cls; patches or mask token] + decoder_pos_embed`.
+    fn encoder_input(&self, images: &Tensor, mask: Option<&Mask>) -> Result<(Tensor, Tensor)> {
         let b = self.check_images(images)?;
         let d = self.cfg.dim;
-        let patches = self.patch_embed.forward(images)?;
-        taps.record("", "patch_embed", &patches);
+        let patches = self.patch_embed.forward(&images.to_dtype(self.dtype)?)?;
         let tokens = match mask {
-            None => patches,
+            None => patches.clone(),
             Some(mask) => {
-                if mask.batch_size() != b || mask.num_patches() != self.cfg.num_patches() {
-                    return Err(ModelError::input(format!(
-                        "mask is for {} images × {} patches, the batch has {b} × {}",
-                        mask.batch_size(),
-                        mask.num_patches(),
-                        self.cfg.num_patches()
-                    )));
-                }
-                let m = mask.to_tensor(&self.device)?.unsqueeze(D::Minus1)?; // [B, L, 1]
+                self.check_mask(mask, b)?;
+                let m = mask
+                    .to_tensor(&self.device)?
+                    .to_dtype(self.dtype)?
+                    .unsqueeze(D::Minus1)?; // [B, L, 1]
                 let keep = (1.0 - &m)?;
                 patches
                     .broadcast_mul(&keep)?
@@ -136,69 +270,161 @@ impl CrateMae {
         };
         let cls = self.cls_token.expand((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
-        taps.record("", "enc_input", &x);
-        Ok(x)
+        Ok((patches, x))
     }
 
-    /// The encoder up to and including block `last` (no final norm).
-    fn encoder_blocks_through(&self, x: Tensor, last: usize, taps: &mut Taps) -> Result<Tensor> {
-        self.blocks[..=last]
+    /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`), in the model's
+    /// dtype. With `mask = None` this is the embedding path.
+    pub fn encode(&self, images: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
+        let (_, x) = self.encoder_input(images, mask)?;
+        let x = self
+            .blocks
             .iter()
-            .try_fold(x, |x, block| Ok(block.forward(&x, taps)?))
+            .try_fold(x, |x, block| block.forward(&x))?;
+        Ok(self.norm.forward(&x)?)
     }
 
-    /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`). With `mask = None`
-    /// this is the embedding path.
-    pub fn encode(&self, images: &Tensor, mask: Option<&Mask>, taps: &mut Taps) -> Result<Tensor> {
-        let x = self.encoder_input(images, mask, taps)?;
-        let x = self.encoder_blocks_through(x, self.cfg.depth - 1, taps)?;
-        let latent = self.norm.forward(&x)?;
-        taps.record("", "latent", &latent);
-        Ok(latent)
+    /// The encoder, keeping what `keep` asks for (and the latent).
+    pub fn encode_keeping(
+        &self,
+        images: &Tensor,
+        mask: Option<&Mask>,
+        keep: &Keep,
+    ) -> Result<Encoded> {
+        self.run_encoder(images, mask, keep, self.cfg.depth - 1)
     }
 
-    /// Decoder: `latent` → predicted patches `[B, L, p²·C]`.
-    pub fn decode(&self, latent: &Tensor, taps: &mut Taps) -> Result<Tensor> {
+    /// Only as far as the deepest layer `keep` asks for: no latent.
+    pub fn encode_through(&self, images: &Tensor, keep: &Keep) -> Result<Encoded> {
+        self.run_encoder(images, None, keep, keep.last_layer(self.cfg.depth))
+    }
+
+    fn run_encoder(
+        &self,
+        images: &Tensor,
+        mask: Option<&Mask>,
+        keep: &Keep,
+        last: usize,
+    ) -> Result<Encoded> {
+        for &l in keep.outputs.iter().chain(&keep.attention) {
+            self.check_layer(l)?;
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (_, mut x) = self.encoder_input(images, mask)?;
+        let mut out = Encoded {
+            latent: None,
+            outputs: BTreeMap::new(),
+            attention: BTreeMap::new(),
+            diagnostics: keep.diagnostics.then(Vec::new),
+        };
+        for (i, block) in self.blocks[..=last].iter().enumerate() {
+            x = if keep.traces(i) {
+                let t = block.trace(&x)?;
+                if let Some(d) = out.diagnostics.as_mut() {
+                    d.push(diagnostics::layer(
+                        i,
+                        &t.ln1,
+                        &t.qkv,
+                        &t.out,
+                        self.cfg.heads,
+                    )?);
+                }
+                if keep.attention.contains(&i) {
+                    out.attention.insert(i, f32(&t.attn)?);
+                }
+                t.out
+            } else {
+                block.forward(&x)?
+            };
+            if keep.outputs.contains(&i) {
+                out.outputs.insert(i, f32(&x)?);
+            }
+        }
+        if last + 1 == self.cfg.depth {
+            out.latent = Some(f32(&self.norm.forward(&x)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Every intermediate of the encoder.
+    pub fn trace_encoder(&self, images: &Tensor, mask: Option<&Mask>) -> Result<EncoderTrace> {
+        let (patch_embed, enc_input) = self.encoder_input(images, mask)?;
+        let mut x = enc_input.clone();
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let t = block.trace(&x)?;
+            x = t.out.clone();
+            blocks.push(t);
+        }
+        Ok(EncoderTrace {
+            patch_embed,
+            enc_input,
+            blocks,
+            latent: self.norm.forward(&x)?,
+        })
+    }
+
+    /// Decoder: `latent` (any float dtype) → predicted patches `[B, L, p²·C]` in f32.
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         let x = self
             .decoder_blocks
             .iter()
-            .try_fold(latent.clone(), |x, block| block.forward(&x, taps))?;
-        let x = self.decoder_norm.forward(&x)?;
-        taps.record("dec", "norm", &x);
-        let pred = self.decoder_pred.forward(&x)?;
-        taps.record("dec", "pred_with_cls", &pred);
-        let pred = pred.narrow(1, 1, self.cfg.num_patches())?;
-        taps.record("", "pred", &pred);
-        Ok(pred)
+            .try_fold(latent.to_dtype(self.dtype)?, |x, block| block.forward(&x))?;
+        let pred = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        Ok(pred
+            .narrow(1, 1, self.cfg.num_patches())?
+            .to_dtype(DType::F32)?)
     }
 
-    /// Final tokens of the unmasked encoder, `[B, 1 + L, d]`.
+    /// Every intermediate of the decoder.
+    pub fn trace_decoder(&self, latent: &Tensor) -> Result<DecoderTrace> {
+        let mut x = latent.to_dtype(self.dtype)?;
+        let mut blocks = Vec::with_capacity(self.decoder_blocks.len());
+        for block in &self.decoder_blocks {
+            let t = block.trace(&x)?;
+            x = t.out.clone();
+            blocks.push(t);
+        }
+        let norm = self.decoder_norm.forward(&x)?;
+        let pred_with_cls = self.decoder_pred.forward(&norm)?;
+        let pred = pred_with_cls.narrow(1, 1, self.cfg.num_patches())?;
+        Ok(DecoderTrace {
+            blocks,
+            norm,
+            pred_with_cls,
+            pred,
+        })
+    }
+
+    /// Final tokens of the unmasked encoder, `[B, 1 + L, d]`, f32.
     pub fn embed_tokens(&self, images: &Tensor) -> Result<Tensor> {
-        self.encode(images, None, &mut Taps::none())
+        Ok(self.encode(images, None)?.to_dtype(DType::F32)?)
     }
 
-    /// One vector per image.
+    /// One vector per image, f32.
     pub fn embed(&self, images: &Tensor, pooling: Pooling) -> Result<Tensor> {
         pool(&self.embed_tokens(images)?, pooling)
     }
 
-    /// Output tokens of encoder block `layer` (0-based; before the final norm).
+    /// Output tokens of encoder block `layer` (0-based; before the final norm), f32.
     pub fn layer_tokens(&self, images: &Tensor, layer: usize) -> Result<Tensor> {
-        self.check_layer(layer)?;
-        let x = self.encoder_input(images, None, &mut Taps::none())?;
-        self.encoder_blocks_through(x, layer, &mut Taps::none())
+        let keep = Keep {
+            outputs: [layer].into(),
+            ..Keep::default()
+        };
+        let mut out = self.encode_through(images, &keep)?;
+        Ok(out.outputs.remove(&layer).expect("kept"))
     }
 
     /// Attention probabilities `[B, H, N, N]` of encoder block `layer`, as the official
-    /// `get_selfattention_enc` (the authors' segmentation view).
+    /// `get_selfattention_enc` (the authors' segmentation view), f32.
     pub fn attention_maps(&self, images: &Tensor, layer: usize) -> Result<Tensor> {
-        self.check_layer(layer)?;
-        let name = format!("enc.{layer}.attn");
-        let mut taps = Taps::only([name.clone()]);
-        let x = self.encoder_input(images, None, &mut taps)?;
-        self.encoder_blocks_through(x, layer, &mut taps)?;
-        taps.take(&name)
-            .ok_or_else(|| ModelError::input(format!("no attention recorded for layer {layer}")))
+        let keep = Keep {
+            attention: [layer].into(),
+            ..Keep::default()
+        };
+        let mut out = self.encode_through(images, &keep)?;
+        Ok(out.attention.remove(&layer).expect("kept"))
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -206,22 +432,35 @@ impl CrateMae {
             Ok(())
         } else {
             Err(ModelError::input(format!(
-                "layer {layer} does not exist: the encoder has layers 0..{}",
-                self.cfg.depth
+                "layer {layer} does not exist: the encoder's layers are 0 to {} inclusive",
+                self.cfg.depth - 1
             )))
         }
     }
 
     /// Masked completion: hide the masked patches, encode, decode, and paste the prediction
     /// into the masked places.
-    pub fn complete(&self, images: &Tensor, mask: &Mask, taps: &mut Taps) -> Result<Completion> {
-        let latent = self.encode(images, Some(mask), taps)?;
-        let pred = self.decode(&latent, taps)?;
-        self.assemble(images, mask, pred)
+    pub fn complete(&self, images: &Tensor, mask: &Mask) -> Result<Completion> {
+        let latent = self.encode(images, Some(mask))?;
+        self.assemble(images, mask, self.decode(&latent)?)
+    }
+
+    /// [`CrateMae::complete`], with the masked encoder pass keeping what `keep` asks for.
+    pub fn complete_keeping(
+        &self,
+        images: &Tensor,
+        mask: &Mask,
+        keep: &Keep,
+    ) -> Result<(Completion, Encoded)> {
+        let encoded = self.encode_keeping(images, Some(mask), keep)?;
+        let latent = encoded.latent.as_ref().expect("full encoder pass");
+        let completion = self.assemble(images, mask, self.decode(latent)?)?;
+        Ok((completion, encoded))
     }
 
     fn assemble(&self, images: &Tensor, mask: &Mask, pred: Tensor) -> Result<Completion> {
         let c = &self.cfg;
+        let images = images.to_dtype(DType::F32)?;
         let reconstruction = unpatchify(&pred, c.patch_size, c.in_chans)?;
         let mask_t = mask.to_tensor(&self.device)?;
         let pixel_mask = unpatchify(
@@ -232,7 +471,7 @@ impl CrateMae {
             c.patch_size,
             c.in_chans,
         )?;
-        let composite = ((images * (1.0 - &pixel_mask)?)? + (&reconstruction * &pixel_mask)?)?;
+        let composite = ((&images * (1.0 - &pixel_mask)?)? + (&reconstruction * &pixel_mask)?)?;
         Ok(Completion {
             pred,
             reconstruction,
@@ -282,10 +521,12 @@ impl CrateMae {
             DType::F32,
             &self.device,
         )?;
-        let latent = self.embed_tokens(&x)?;
+        let latent = self.encode(&x, None)?;
         if with_decoder {
-            self.decode(&latent, &mut Taps::none())?;
+            self.decode(&latent)?;
         }
+        // Block until the device has finished, so warm-up timings are real.
+        self.device.synchronize()?;
         Ok(())
     }
 }

@@ -5,11 +5,10 @@
 //! followed by `to_out`. Its gradient step decreases the coding rate `R^c` of the tokens
 //! against the learned subspaces.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops::{softmax_last_dim, Linear};
-use crate::taps::Taps;
 
 #[derive(Debug, Clone)]
 pub struct Mssa {
@@ -22,6 +21,17 @@ pub struct Mssa {
     score_scale: f64,
     /// Factor by which `qkv` outputs are pre-scaled (`dh^-¼` when folded, else 1).
     qkv_scale: f64,
+}
+
+/// Everything one MSSA step computes, for parity tests and diagnostics.
+#[derive(Debug, Clone)]
+pub struct MssaTrace {
+    /// `U^T x`, unscaled as the official `qkv` output: `[B, N, d]`.
+    pub qkv: Tensor,
+    /// Attention probabilities `[B, H, N, N]`.
+    pub attn: Tensor,
+    /// The step's output `[B, N, d]`.
+    pub out: Tensor,
 }
 
 impl Mssa {
@@ -59,28 +69,72 @@ impl Mssa {
         })
     }
 
-    /// `x` is already layer-normalised: `[B, N, d]` → `[B, N, d]`.
-    pub fn forward(&self, x: &Tensor, scope: &str, taps: &mut Taps) -> Result<Tensor> {
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// `[B, N, d]` → `[B, H, N, dh]` subspace coordinates (pre-scaled when folded).
+    fn coordinates(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, n, d) = x.dims3()?;
         let w = self.qkv.forward(x)?;
-        if !taps.is_off() && taps.wants(&format!("{scope}.qkv")) {
-            // Recorded unscaled, as the official `qkv` output.
-            taps.record(scope, "qkv", &(&w / self.qkv_scale)?);
-        }
-        let w = w
+        let heads = w
             .reshape((b, n, self.heads, d / self.heads))?
             .transpose(1, 2)?
-            .contiguous()?; // [B, H, N, dh]
-        let mut scores = w.matmul(&w.t()?)?;
-        if self.score_scale != 1.0 {
-            scores = (scores * self.score_scale)?;
-        }
-        let attn = softmax_last_dim(&scores)?;
-        taps.record(scope, "attn", &attn);
-        let out = attn.matmul(&w)?.transpose(1, 2)?.reshape((b, n, d))?;
+            .contiguous()?;
+        Ok((w, heads))
+    }
+
+    fn attention(&self, w: &Tensor) -> Result<Tensor> {
+        let scores = w.matmul(&w.t()?)?;
+        let scores = if self.score_scale != 1.0 {
+            (scores * self.score_scale)?
+        } else {
+            scores
+        };
+        softmax_last_dim(&scores)
+    }
+
+    /// `concat_h(A_h w_h)` then `to_out`.
+    fn project_out(&self, attn: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (b, _, n, _) = w.dims4()?;
+        let out = attn.matmul(w)?.transpose(1, 2)?.reshape((b, n, ()))?;
         match &self.to_out {
             Some(to_out) => to_out.forward(&out),
             None => Ok(out),
         }
+    }
+
+    /// `x` is already layer-normalised: `[B, N, d]` → `[B, N, d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, w) = self.coordinates(x)?;
+        self.project_out(&self.attention(&w)?, &w)
+    }
+
+    /// [`Mssa::forward`], keeping the projection and the attention map.
+    pub fn trace(&self, x: &Tensor) -> Result<MssaTrace> {
+        let (flat, w) = self.coordinates(x)?;
+        let attn = self.attention(&w)?;
+        Ok(MssaTrace {
+            qkv: (flat / self.qkv_scale)?,
+            out: self.project_out(&attn, &w)?,
+            attn,
+        })
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            qkv: self.qkv.to_dtype(dtype)?,
+            to_out: self
+                .to_out
+                .as_ref()
+                .map(|o| o.to_dtype(dtype))
+                .transpose()?,
+            ..self.clone()
+        })
+    }
+
+    /// The pre-scaled projection and the output map, for kernels that fuse this step.
+    pub fn parts(&self) -> (&Linear, Option<&Linear>, f64) {
+        (&self.qkv, self.to_out.as_ref(), self.score_scale)
     }
 }

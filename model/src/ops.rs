@@ -3,7 +3,7 @@
 //! At inference they run candle's fused kernels; those have no backward pass, so when a tensor
 //! tracks gradients (training) the composed, differentiable forms are used instead.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -19,6 +19,26 @@ impl LayerNorm {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
             eps: eps as f32,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            bias: self.bias.to_dtype(dtype)?,
+            eps: self.eps,
         })
     }
 }
@@ -72,11 +92,22 @@ impl Linear {
         &self.weight
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// The same map with its weight (not its bias) multiplied by `factor`.
     pub fn scaled_weight(&self, factor: f64) -> Result<Self> {
         Ok(Self {
             weight: (&self.weight * factor)?,
             bias: self.bias.clone(),
+        })
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
         })
     }
 }
@@ -109,7 +140,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `max(x − t, 0)`: ISTA's shrinkage and ReLU in one pass on the CPU (two elementwise passes,
 /// each allocating a `[B, N, d]` tensor, otherwise). Differentiable composed ops elsewhere.
 pub fn shrink_relu(x: &Tensor, threshold: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && !x.track_op() && x.dtype() == candle_core::DType::F32 {
+    if x.device().is_cpu() && !x.track_op() && x.dtype() == DType::F32 {
         x.apply_op1_no_bwd(&ShrinkRelu(threshold as f32))
     } else {
         (x - threshold)?.relu()

@@ -29,6 +29,22 @@ impl PatchEmbed {
         })
     }
 
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
+        Ok(Self {
+            proj: self.proj.to_dtype(dtype)?,
+            patch_size: self.patch_size,
+        })
+    }
+
+    /// The projection as a `[d, C·p²]` map over (c, ki, kj)-ordered patch pixels.
+    pub fn projection(&self) -> &Linear {
+        &self.proj
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
     /// `[B, C, S, S]` → `[B, L, d]`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let p = self.patch_size;

@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::Result;
 use candle_core::{Device, IndexOp, Tensor};
 use crate_mae::checkpoint::{self, LoadOptions};
-use crate_mae::{init, CrateMae, CrateMaeConfig, Mask, ModelError, Pooling, Taps};
+use crate_mae::{init, CrateMae, CrateMaeConfig, Mask, ModelError, Pooling};
 
 fn small_config() -> CrateMaeConfig {
     CrateMaeConfig {
@@ -47,7 +47,7 @@ fn one_image_alone_equals_the_same_image_inside_a_batch_of_five() -> Result<()> 
     let batch = images(&cfg, 5, 2)?;
     let together = m.embed_tokens(&batch)?;
     let mask = Mask::random(5, cfg.num_patches(), 0.75, 3)?;
-    let completed = m.complete(&batch, &mask, &mut Taps::none())?;
+    let completed = m.complete(&batch, &mask)?;
     for i in 0..5 {
         let alone = m.embed_tokens(&batch.narrow(0, i, 1)?)?;
         let d = max_diff(&alone, &together.narrow(0, i, 1)?)?;
@@ -58,7 +58,7 @@ fn one_image_alone_equals_the_same_image_inside_a_batch_of_five() -> Result<()> 
                 .collect()],
             cfg.num_patches(),
         )?;
-        let alone = m.complete(&batch.narrow(0, i, 1)?, &one_mask, &mut Taps::none())?;
+        let alone = m.complete(&batch.narrow(0, i, 1)?, &one_mask)?;
         let d = max_diff(&alone.pred, &completed.pred.narrow(0, i, 1)?)?;
         assert!(d < 1e-5, "image {i}: completion differs by {d}");
     }
@@ -72,7 +72,7 @@ fn mask_ratio_zero_is_the_embedding_path() -> Result<()> {
     let x = images(&cfg, 3, 5)?;
     let mask = Mask::random(3, cfg.num_patches(), 0.0, 9)?;
     assert_eq!(mask.masked_count(0), 0);
-    let masked = m.encode(&x, Some(&mask), &mut Taps::none())?;
+    let masked = m.encode(&x, Some(&mask))?;
     let plain = m.embed_tokens(&x)?;
     assert!(max_diff(&masked, &plain)? < 1e-6);
     Ok(())
@@ -92,8 +92,8 @@ fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
         .collect();
     let explicit = Mask::from_indices(&indices, cfg.num_patches())?;
     assert_eq!(explicit, from_noise);
-    let a = m.complete(&x, &from_noise, &mut Taps::none())?;
-    let b = m.complete(&x, &explicit, &mut Taps::none())?;
+    let a = m.complete(&x, &from_noise)?;
+    let b = m.complete(&x, &explicit)?;
     assert_eq!(max_diff(&a.composite, &b.composite)?, 0.0);
     // And the masked patches really are hidden: changing them changes nothing upstream of
     // the mask token.
@@ -108,7 +108,7 @@ fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
         &[0..1, 0..3, pi * p..pi * p + p, pj * p..pj * p + p],
         &(region + bump)?,
     )?;
-    let c = m.complete(&changed, &explicit, &mut Taps::none())?;
+    let c = m.complete(&changed, &explicit)?;
     assert!(max_diff(&a.pred, &c.pred)? < 1e-6);
     Ok(())
 }
@@ -183,7 +183,7 @@ fn layer_norm_and_softmax_fall_back_to_differentiable_ops_when_training() -> Res
     let frozen = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu)?;
     let x = images(&cfg, 2, 4)?;
     let mask = Mask::random(2, cfg.num_patches(), 0.75, 1)?;
-    let out = trainable.complete(&x, &mask, &mut Taps::none())?;
+    let out = trainable.complete(&x, &mask)?;
     let loss = trainable.loss(&x, &out.pred, &out.mask, false)?;
     let grads = loss.backward()?;
     let dict = varmap.data().lock().unwrap()["blocks.0.layers.0.1.fn.weight"].clone();
@@ -191,7 +191,7 @@ fn layer_norm_and_softmax_fall_back_to_differentiable_ops_when_training() -> Res
         .get(&dict)
         .expect("gradient reaches the ISTA dictionary");
     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
-    let reference = frozen.complete(&x, &mask, &mut Taps::none())?;
+    let reference = frozen.complete(&x, &mask)?;
     assert!(max_diff(&out.pred.detach(), &reference.pred)? < 1e-4);
     Ok(())
 }
@@ -288,10 +288,10 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
             "truncated.pth",
             std::fs::read(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/golden/set_a/checkpoint.pth"
+                "/tests/golden/set_a/checkpoint.pth"
             ))
             .map(|b| b[..b.len() / 3].to_vec())
-            .unwrap_or_else(|_| b"PK\x03\x04junk".to_vec()),
+            .expect("the committed golden checkpoint"),
         ),
         (
             "zip.pth",

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use crate_mae::{diagnostics, mae, CrateMae, Mask, Pooling, Taps};
+use crate_mae::{diagnostics, mae, CrateMae, Keep, Mask, Pooling};
 use nalgebra::DMatrix;
 use serde::Serialize;
 
@@ -66,10 +66,15 @@ fn grid_pool(tokens: &Tensor, k: usize) -> Result<Tensor> {
 pub fn readouts(model: &CrateMae, split: &Split, device: &Device) -> Result<Vec<Readout>> {
     let cfg = model.config();
     let norm = (cfg.mean[0], cfg.std[0]);
-    let mut sources: Vec<(String, String)> = (0..cfg.depth)
-        .map(|l| (format!("layer{l}"), format!("enc.{l}.out")))
+    // Each readout's source: an encoder layer's output, or (None) the final latent.
+    let mut sources: Vec<(String, Option<usize>)> = (0..cfg.depth)
+        .map(|l| (format!("layer{l}"), Some(l)))
         .collect();
-    sources.push(("final".into(), "latent".into()));
+    sources.push(("final".into(), None));
+    let keep = Keep {
+        outputs: (0..cfg.depth).collect(),
+        ..Keep::default()
+    };
     let grids = region_grids(cfg.img_size / cfg.patch_size);
     let poolings: Vec<(String, usize)> = [("cls".to_string(), 1), ("mean".to_string(), 1)]
         .into_iter()
@@ -89,12 +94,14 @@ pub fn readouts(model: &CrateMae, split: &Split, device: &Device) -> Result<Vec<
         .collect();
     let indices: Vec<usize> = (0..split.len()).collect();
     for chunk in indices.chunks(256) {
-        let mut taps = Taps::only(sources.iter().map(|(_, tap)| tap.clone()));
-        model.encode(&split.batch(chunk, None, norm, device)?, None, &mut taps)?;
-        for (i, (_, tap)) in sources.iter().enumerate() {
-            let tokens = taps
-                .take(tap)
-                .ok_or_else(|| anyhow::anyhow!("the encoder recorded no `{tap}`"))?;
+        let mut encoded =
+            model.encode_keeping(&split.batch(chunk, None, norm, device)?, None, &keep)?;
+        for (i, (name, source)) in sources.iter().enumerate() {
+            let tokens = match source {
+                Some(l) => encoded.outputs.remove(l),
+                None => encoded.latent.take(),
+            }
+            .ok_or_else(|| anyhow::anyhow!("the encoder kept no `{name}`"))?;
             let pooled = [
                 mae::pool(&tokens, Pooling::Cls)?,
                 mae::pool(&tokens, Pooling::Mean)?,
@@ -278,7 +285,7 @@ pub fn reconstruction(
         let x = split.batch(chunk, None, norm, device)?;
         let mask = Mask::random(chunk.len(), cfg.num_patches(), ratio, 7_000 + b as u64)?;
         let m = mask.to_tensor(device)?;
-        let out = model.complete(&x, &mask, &mut Taps::none())?;
+        let out = model.complete(&x, &mask)?;
         let target = model.patchify(&x)?;
         model_sum += mae::masked_mse(&out.pred, &target, &m)?.to_scalar::<f32>()? as f64
             * chunk.len() as f64;
@@ -325,9 +332,13 @@ pub fn white_box(
     let mut acc: Vec<LayerPicture> = Vec::new();
     let mut batches = 0.0;
     for chunk in indices.chunks(128) {
-        let mut taps = diagnostics::taps(cfg);
-        model.encode(&split.batch(chunk, None, norm, device)?, None, &mut taps)?;
-        for l in diagnostics::compute(&taps, cfg)? {
+        let keep = Keep {
+            diagnostics: true,
+            ..Keep::default()
+        };
+        let encoded =
+            model.encode_keeping(&split.batch(chunk, None, norm, device)?, None, &keep)?;
+        for l in encoded.diagnostics.unwrap_or_default() {
             let mean = |v: &[f64]| diagnostics::mean_std(v).0;
             let p = LayerPicture {
                 layer: l.layer,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use crate_mae::{checkpoint, init, CrateMae, CrateMaeConfig, Mask, Taps};
+use crate_mae::{checkpoint, init, CrateMae, CrateMaeConfig, Mask};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -149,8 +149,8 @@ impl Trainer {
 
     /// The MAE objective for one batch: hide, encode, decode, MSE on the hidden patches.
     fn masked_loss(&self, x: &Tensor, mask: &Mask) -> Result<Tensor> {
-        let latent = self.model.encode(x, Some(mask), &mut Taps::none())?;
-        let pred = self.model.decode(&latent, &mut Taps::none())?;
+        let latent = self.model.encode(x, Some(mask))?;
+        let pred = self.model.decode(&latent)?;
         let mask = mask.to_tensor(&self.device)?;
         Ok(self.model.loss(x, &pred, &mask, self.cfg.norm_pix_loss)?)
     }
