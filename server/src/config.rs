@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use crate_mae::Precision;
 
+use crate::engine::{EngineConfig, Threading};
 use crate::security::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,9 +67,29 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_DEVICE", default_value = "cpu")]
     pub device: String,
 
-    /// Most images in one model batch.
-    #[arg(long, env = "CRATE_MAE_MAX_BATCH_SIZE", default_value_t = 8)]
-    pub max_batch_size: usize,
+    /// Precision the model computes in: f32 (the reference), bf16 (CPUs with AVX512-BF16,
+    /// GPUs) or f16 (GPUs). Weights are converted once at load; outputs are always f32.
+    #[arg(long, env = "CRATE_MAE_DTYPE", default_value = "f32", value_parser = parse_precision)]
+    pub dtype: Precision,
+
+    /// Most images in one model batch (default: 8 on a CPU, 64 on a GPU).
+    #[arg(long, env = "CRATE_MAE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+
+    /// Model workers × compute threads each, e.g. `2x1` (two batches at once, one thread
+    /// each) or `1x2`; `auto` measures both at warm-up and keeps the faster.
+    #[arg(long, env = "CRATE_MAE_THREADING", default_value = "auto", value_parser = parse_threading)]
+    pub threading: ThreadingChoice,
+
+    /// The name clients address the model by (Open Inference Protocol `model_name`; the
+    /// completion model is `<name>-complete`).
+    #[arg(long, env = "CRATE_MAE_MODEL_NAME", default_value = "crate-mae")]
+    pub model_name: String,
+
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://otel-collector:4317`);
+    /// W3C `traceparent` from request metadata continues the caller's trace. Off when unset.
+    #[arg(long, env = "CRATE_MAE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 
     /// How long a batch may wait for more work once the worker is free (0: never wait).
     #[arg(long, env = "CRATE_MAE_MAX_BATCH_DELAY_MS", default_value_t = 0)]
@@ -147,9 +169,59 @@ pub struct Config {
     pub log: String,
 }
 
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse().map_err(|e: crate_mae::ModelError| e.to_string())
+}
+
+/// `--threading`: measured (`auto`) or fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadingChoice(pub Option<Threading>);
+
+fn parse_threading(s: &str) -> Result<ThreadingChoice, String> {
+    if s == "auto" {
+        return Ok(ThreadingChoice(None));
+    }
+    let parsed = s
+        .split_once('x')
+        .and_then(|(w, t)| Some((w.parse().ok()?, t.parse().ok()?)));
+    match parsed {
+        Some((workers, threads)) if workers >= 1 && threads >= 1 => {
+            Ok(ThreadingChoice(Some(Threading { workers, threads })))
+        }
+        _ => Err(format!(
+            "`{s}`: expected auto or WORKERSxTHREADS with both at least 1, e.g. 2x1"
+        )),
+    }
+}
+
 impl Config {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    /// The batch limit: as given, or the device's default.
+    pub fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+            .unwrap_or(if self.device.starts_with("cpu") {
+                8
+            } else {
+                64
+            })
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            model_name: self.model_name.clone(),
+            max_batch_size: self.max_batch_size(),
+            max_batch_delay: self.max_batch_delay(),
+            max_queue_images: self.max_queue_images,
+            max_images_per_request: self.max_images_per_request,
+            max_image_pixels: self.max_image_pixels,
+            max_decode_mib: self.max_decode_mib,
+            complete_cost: self.complete_cost,
+            diagnostics_every: self.diagnostics_every,
+            threading: self.threading.0,
+        }
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -158,8 +230,16 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.max_batch_size >= 1,
+            self.max_batch_size() >= 1,
             "--max-batch-size must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.model_name.is_empty()
+                && self
+                    .model_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "--model-name must be non-empty letters, digits, '-', '_' or '.'"
         );
         anyhow::ensure!(
             self.max_queue_images >= self.max_images_per_request,
@@ -221,5 +301,32 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("built-in model"), "{err}");
+    }
+
+    #[test]
+    fn precision_threading_and_batch_defaults_parse() {
+        let plain = parse(&[]).unwrap();
+        assert_eq!(
+            (plain.dtype, plain.threading.0, plain.max_batch_size()),
+            (Precision::F32, None, 8)
+        );
+        let gpu = parse(&["--device", "cuda", "--dtype", "bf16", "--threading", "1x4"]).unwrap();
+        assert_eq!(gpu.dtype, Precision::Bf16);
+        assert_eq!(gpu.max_batch_size(), 64);
+        assert_eq!(
+            gpu.threading.0,
+            Some(Threading {
+                workers: 1,
+                threads: 4
+            })
+        );
+        for bad in [
+            ["--dtype", "f64"],
+            ["--threading", "0x2"],
+            ["--threading", "two"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+        assert!(parse(&["--model-name", "a b"]).unwrap().validate().is_err());
     }
 }

@@ -1,19 +1,21 @@
 //! CRATE-MAE over gRPC.
 //!
-//! Data flows one way: [`service`] (transport: validate, preprocess via [`imaging`]) →
-//! [`batching`] (admission, queues, batch formation) → [`worker`] (the model thread) → back
-//! through [`service`]. [`telemetry`] holds logs and metrics; [`config`] the one config struct.
+//! Data flows one way: a [`transport`] (`cratemae.v1` or the Open Inference Protocol)
+//! validates and maps a request → the [`engine`] admits it, preprocesses it ([`imaging`]),
+//! queues and batches it → a model worker runs it on the [`engine::Backend`] → the engine
+//! postprocesses → the transport answers. [`telemetry`] holds logs and metrics, [`otel`]
+//! the optional trace export, [`config`] the one config struct.
 
-pub mod batching;
 pub mod client;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod imaging;
 pub mod model_source;
+pub mod otel;
 pub mod security;
-pub mod service;
 pub mod telemetry;
-pub mod worker;
+pub mod transport;
 
 pub mod pb {
     tonic::include_proto!("cratemae.v1");
@@ -21,26 +23,31 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/cratemae_descriptor.bin"));
 }
 
+/// The Open Inference Protocol v2 (`inference.GRPCInferenceService`).
+pub mod oip_pb {
+    tonic::include_proto!("inference");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+}
+
 use std::future::Future;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::batching::{Admission, Queues};
 use crate::config::Config;
-use crate::imaging::Preprocessing;
-use crate::service::{AppState, CrateMaeService, Ready};
-use crate::worker::{Worker, WorkerOptions};
+use crate::engine::{Engine, State};
 
-/// The model service's name for health checks.
+/// The model service's name for health checks (readiness).
 pub const SERVICE_NAME: &str = "cratemae.v1.CrateMae";
 
 /// Runs until `shutdown` resolves, then drains: NOT_SERVING, stop accepting, finish what
-/// was accepted (bounded by the drain timeout), stop the worker.
+/// was accepted (bounded by the drain timeout), stop the workers.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config.validate()?;
     telemetry::init_metrics(
@@ -51,83 +58,139 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ],
     )
     .context("starting the metrics listener")?;
+    #[cfg(feature = "cuda")]
+    telemetry::watch_gpu(&config.device);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let set_health = |status: ServingStatus| {
-        let health = health.clone();
-        async move {
-            health.set_service_status("", status).await;
-            health.set_service_status(SERVICE_NAME, status).await;
-        }
-    };
-    set_health(ServingStatus::NotServing).await;
-
-    let queues = Queues::new(
-        config.max_batch_size,
-        config.max_batch_delay(),
-        config.complete_cost,
-    );
-    let state = Arc::new(AppState {
-        queues: Arc::clone(&queues),
-        admission: Admission::new(config.max_queue_images),
-        max_images_per_request: config.max_images_per_request,
-        decode_budget: Arc::new(tokio::sync::Semaphore::new(config.max_decode_mib as usize)),
-        decode_budget_mib: config.max_decode_mib,
-        ready: OnceLock::new(),
-        draining: Default::default(),
-        ledger: Default::default(),
-    });
-
-    // The model loads on its own thread (it owns the device) while gRPC already answers
-    // health checks with NOT_SERVING.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    report(&health, ServingStatus::NotServing).await;
     let load_config = config.clone();
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
-    let worker = Worker::start(
-        Arc::clone(&queues),
-        WorkerOptions {
-            diagnostics_every: config.diagnostics_every,
-            panic_trigger: std::env::var("CRATE_MAE_FAULT_INJECTION_VALUE")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-        },
-        move || {
-            let loaded = model_source::load(&load_config)?;
-            let info = model_source::model_info(&loaded, &load_config);
-            let _ = loaded_tx.send((info, loaded.info.clone()));
-            Ok(loaded.model)
-        },
-        ready_tx,
-    )?;
+    let engine = Engine::start(config.engine(), move || model_source::load(&load_config))?;
+    let mut state = engine.state();
 
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
     tracing::info!(grpc = %listener.local_addr()?, metrics = %config.metrics_addr, "listening");
+    // tonic sets TCP options only on listeners it binds itself: without TCP_NODELAY on the
+    // accepted sockets every unary response waits ~40 ms for the client's delayed ACK.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(&config, &engine, health_service, incoming, async {
+        let _ = stop_rx.await;
+    })?);
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Serve until asked to stop; a model that never loads ends the server with its reason.
+    tokio::pin!(shutdown);
+    loop {
+        let now = state.borrow_and_update().clone();
+        match now {
+            State::Serving => {
+                let info = engine.info()?;
+                telemetry::register_layers(info.config().depth, &info.facts.weights.source);
+                tracing::info!(model = %info.description(), name = %info.name, version = %info.version(), threading = %info.threading, "SERVING");
+                report(&health, ServingStatus::Serving).await;
+            }
+            State::Failed(why) if engine.info().is_err() => {
+                anyhow::bail!("loading the model failed: {why}")
+            }
+            State::Failed(why) => {
+                tracing::error!(reason = %why, "NOT_SERVING: restart this server");
+                report(&health, ServingStatus::NotServing).await;
+            }
+            State::Loading | State::Draining => {}
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { break },
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!(
+        in_flight_images = engine.in_flight(),
+        "shutting down: NOT_SERVING, draining"
+    );
+    engine.begin_drain();
+    report(&health, ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(config.drain_timeout(), server).await;
+    engine.shutdown(Duration::from_secs(5));
+    otel::shutdown();
+    match drained {
+        Ok(result) => {
+            result.context("gRPC server task")?.context("gRPC server")?;
+            let l = engine.ledger();
+            tracing::info!(
+                admitted = l.admitted.load(std::sync::atomic::Ordering::Relaxed),
+                answered_ok = l.ok.load(std::sync::atomic::Ordering::Relaxed),
+                answered_error = l.failed.load(std::sync::atomic::Ordering::Relaxed),
+                "drained; exiting"
+            );
+        }
+        Err(_) => tracing::warn!(
+            timeout_secs = config.drain_timeout_secs,
+            left = engine.in_flight(),
+            "drain timeout reached; exiting with requests unfinished"
+        ),
+    }
+    Ok(())
+}
+
+/// `""` (liveness) and the model service (readiness) move together: a server that cannot
+/// serve (a lost device, stopped model threads) only recovers by a restart.
+async fn report(health: &HealthReporter, status: ServingStatus) {
+    for name in ["", SERVICE_NAME] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Every gRPC service on the one port: health, reflection, cratemae.v1 and the Open
+/// Inference Protocol, behind TLS and the bearer token as configured.
+fn serve(
+    config: &Config,
+    engine: &Arc<Engine>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    incoming: TcpIncoming,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<impl Future<Output = Result<(), tonic::transport::Error>>> {
+    let sets = [
+        pb::FILE_DESCRIPTOR_SET,
+        oip_pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for set in sets {
+        v1 = v1.register_encoded_file_descriptor_set(set);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
+    }
     let limit = config.max_message_mib << 20;
-    let service =
-        pb::crate_mae_server::CrateMaeServer::new(CrateMaeService::new(Arc::clone(&state)))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+    let cratemae = pb::crate_mae_server::CrateMaeServer::new(
+        transport::cratemae::CrateMaeService::new(Arc::clone(engine)),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let oip = oip_pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+        transport::oip::InferenceService::new(Arc::clone(engine)),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let token = security::load_token(config.auth_token.as_ref(), config.auth_token_file.as_ref())?;
     let auth = security::BearerAuth::new(token.as_ref());
-    // Probes and tools stay open unless asked otherwise; the model service is guarded.
+    // Probes and tools stay open unless asked otherwise; the model services are guarded.
     let guard_ops = if config.auth_health_and_reflection {
         auth.clone()
     } else {
         security::BearerAuth::new(None)
     };
+    let stamp: fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> =
+        transport::stamp_arrival;
     let mut builder = tonic::transport::Server::builder()
-        .layer(tower::util::MapRequestLayer::new(service::stamp_arrival));
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(tower::util::MapRequestLayer::new(stamp));
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         builder = builder.tls_config(security::tls_config(
             cert,
@@ -141,104 +204,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         bearer_auth = auth.enabled(),
         "transport security"
     );
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        builder
-            .add_service(InterceptedService::new(health_service, guard_ops.clone()))
-            .add_service(InterceptedService::new(reflection_v1, guard_ops.clone()))
-            .add_service(InterceptedService::new(reflection_v1alpha, guard_ops))
-            .add_service(InterceptedService::new(service, auth))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
-
-    tokio::pin!(shutdown);
-    tokio::select! {
-        loaded = ready_rx => match loaded {
-            Ok(Ok(model)) => {
-                let (info, weights) = loaded_rx.recv().context("model info")?;
-                telemetry::register_layers(model.config().depth, &weights.source);
-                tracing::info!(model = %info.name, weights = %weights.source, sha256 = %weights.sha256, device = %info.device, "model ready");
-                let cfg = model.config();
-                let _ = state.ready.set(Ready {
-                    prep: Preprocessing {
-                        image_size: cfg.img_size as u32,
-                        mean: cfg.mean,
-                        std: cfg.std,
-                        max_pixels: config.max_image_pixels,
-                    },
-                    info,
-                    model,
-                });
-                set_health(ServingStatus::Serving).await;
-                // Health stays honest if the model thread ever stops outside a drain.
-                let (alive, watched, health) = (worker.alive(), Arc::clone(&state), health.clone());
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-                    loop {
-                        tick.tick().await;
-                        if watched.draining.load(Ordering::Acquire) {
-                            break;
-                        }
-                        if !alive.load(Ordering::Acquire) {
-                            tracing::error!("the model thread stopped: NOT_SERVING");
-                            health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-                            break;
-                        }
-                    }
-                });
-            }
-            Ok(Err(e)) => {
-                queues.close();
-                anyhow::bail!("loading the model failed: {e}");
-            }
-            Err(_) => anyhow::bail!("the model thread exited during loading"),
-        },
-        _ = &mut shutdown => {
-            tracing::info!("shutdown requested while loading");
-        }
-    }
-    if state.ready.get().is_some() {
-        shutdown.await;
-    }
-
-    tracing::info!(
-        in_flight_images = state.admission.in_flight(),
-        "shutting down: NOT_SERVING, draining"
-    );
-    state.draining.store(true, Ordering::Release);
-    set_health(ServingStatus::NotServing).await;
-    let _ = stop_tx.send(());
-    let drained = tokio::time::timeout(config.drain_timeout(), server).await;
-    queues.close();
-    match drained {
-        Ok(result) => {
-            result.context("gRPC server task")?.context("gRPC server")?;
-            // A plain thread: a blocking-pool task would hold up the runtime's own shutdown
-            // (e.g. when SIGTERM arrives while the model is still loading).
-            let (joined_tx, joined_rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                worker.join();
-                let _ = joined_tx.send(());
-            });
-            let _ = joined_rx.recv_timeout(std::time::Duration::from_secs(5));
-            let l = &state.ledger;
-            tracing::info!(
-                admitted = l.admitted.load(Ordering::Relaxed),
-                answered_ok = l.ok.load(Ordering::Relaxed),
-                answered_error = l.failed.load(Ordering::Relaxed),
-                "drained; exiting"
-            );
-        }
-        Err(_) => tracing::warn!(
-            timeout_secs = config.drain_timeout_secs,
-            left = state.admission.in_flight(),
-            "drain timeout reached; exiting with requests unfinished"
-        ),
-    }
-    Ok(())
+    Ok(builder
+        .add_service(InterceptedService::new(health, guard_ops.clone()))
+        .add_service(InterceptedService::new(v1.build_v1()?, guard_ops.clone()))
+        .add_service(InterceptedService::new(v1alpha.build_v1alpha()?, guard_ops))
+        .add_service(InterceptedService::new(cratemae, auth.clone()))
+        .add_service(InterceptedService::new(oip, auth))
+        .serve_with_incoming_shutdown(incoming, stop))
 }
 
 #[cfg(test)]

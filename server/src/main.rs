@@ -25,14 +25,20 @@ async fn termination() {
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init_logging(config.log_format, &config.log);
-    // gRPC and preprocessing share the cores with the model thread's matmuls: keep the
+    // gRPC and preprocessing share the cores with the model threads' matmuls: keep the
     // async runtime small.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(crate_mae_server::run(config, termination()));
+    let result = runtime.block_on(async {
+        telemetry::init_logging(
+            config.log_format,
+            &config.log,
+            config.otlp_endpoint.as_deref(),
+        )?;
+        crate_mae_server::run(config, termination()).await
+    });
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "exiting");
     }

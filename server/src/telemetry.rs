@@ -2,7 +2,6 @@
 //! complete before the first request); names follow Prometheus conventions: base units,
 //! `_total` counters, `_seconds` histograms with explicit buckets, low-cardinality labels.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,14 +11,32 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
-use crate::batching::{Item, Kind};
 use crate::config::LogFormat;
+use crate::engine::queue::Kind;
 
-pub const METHODS: [&str; 4] = ["Embed", "EmbedStream", "Complete", "GetModelInfo"];
-const CODES: [&str; 8] = [
+/// The methods of each protocol, as `(protocol, method)` label pairs.
+pub const METHODS: &[(&str, &[&str])] = &[
+    (
+        "cratemae.v1",
+        &["Embed", "EmbedStream", "Complete", "GetModelInfo"],
+    ),
+    (
+        "oip.v2",
+        &[
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+        ],
+    ),
+];
+const CODES: [&str; 9] = [
     "OK",
     "InvalidArgument",
     "OutOfRange",
+    "NotFound",
     "ResourceExhausted",
     "Unavailable",
     "DeadlineExceeded",
@@ -33,15 +50,33 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
-pub fn init_logging(format: LogFormat, filter: &str) {
+/// Logs (text or JSON) and, with `otlp_endpoint`, trace export. Call inside the runtime.
+pub fn init_logging(
+    format: LogFormat,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    // Colour only on a terminal: escapes in a file or a container log are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_ansi(colour);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    let otel = otlp_endpoint.map(crate::otel::layer).transpose()?;
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(())
 }
 
 /// Starts the `/metrics` listener (on the current tokio runtime) and registers every series.
@@ -58,12 +93,12 @@ pub fn init_metrics(addr: SocketAddr, build: &[(&'static str, String)]) -> anyho
 fn register(build: &[(&'static str, String)]) {
     describe_counter!(
         "cratemae_requests_total",
-        "gRPC requests finished, by method and status code."
+        "gRPC requests finished, by protocol, method and status code."
     );
     describe_histogram!(
         "cratemae_request_duration_seconds",
         Unit::Seconds,
-        "gRPC request latency, end to end in the server."
+        "gRPC request latency, end to end in the server, by protocol and method."
     );
     describe_histogram!(
         "cratemae_queue_duration_seconds",
@@ -98,6 +133,10 @@ fn register(build: &[(&'static str, String)]) {
         "cratemae_worker_faults_total",
         "Batches failed by a panic or error inside the model worker."
     );
+    describe_counter!(
+        "cratemae_out_of_memory_splits_total",
+        "Batches that ran out of device memory and were retried in halves."
+    );
     describe_gauge!("cratemae_build_info", "Build information (value 1).");
     describe_gauge!("cratemae_model_info", "The served weights (value 1).");
     describe_gauge!(
@@ -110,7 +149,7 @@ fn register(build: &[(&'static str, String)]) {
     );
     describe_gauge!(
         "cratemae_rate_reduction",
-        "Rate reduction R - R^c per encoder layer (last sampled batch)."
+        "R - R^c per encoder layer (last sampled batch). R and R^c are on different scales, so the sign means nothing: compare with the in-domain reference."
     );
     describe_gauge!(
         "cratemae_sparsity",
@@ -125,11 +164,14 @@ fn register(build: &[(&'static str, String)]) {
         "Calls refused for a missing or wrong bearer token."
     );
 
-    for method in METHODS {
-        for code in CODES {
-            counter!("cratemae_requests_total", "method" => method, "code" => code).absolute(0);
+    for (protocol, methods) in METHODS {
+        for method in methods.iter() {
+            for code in CODES {
+                counter!("cratemae_requests_total", "protocol" => *protocol, "method" => *method, "code" => code)
+                    .absolute(0);
+            }
+            let _ = histogram!("cratemae_request_duration_seconds", "protocol" => *protocol, "method" => *method);
         }
-        let _ = histogram!("cratemae_request_duration_seconds", "method" => method);
     }
     for kind in Kind::ALL {
         let k = kind.label();
@@ -143,6 +185,7 @@ fn register(build: &[(&'static str, String)]) {
         counter!("cratemae_dropped_requests_total", "reason" => reason).absolute(0);
     }
     counter!("cratemae_worker_faults_total").absolute(0);
+    counter!("cratemae_out_of_memory_splits_total").absolute(0);
     counter!("cratemae_diagnostics_samples_total").absolute(0);
     counter!("cratemae_auth_failures_total").absolute(0);
     let labels: Vec<(&'static str, String)> = build.to_vec();
@@ -167,10 +210,15 @@ pub fn register_layers(depth: usize, weights: &str) {
     }
 }
 
-pub fn request_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
-    counter!("cratemae_requests_total", "method" => method, "code" => code_label(code))
+pub fn request_finished(
+    protocol: &'static str,
+    method: &'static str,
+    code: tonic::Code,
+    elapsed: Duration,
+) {
+    counter!("cratemae_requests_total", "protocol" => protocol, "method" => method, "code" => code_label(code))
         .increment(1);
-    histogram!("cratemae_request_duration_seconds", "method" => method)
+    histogram!("cratemae_request_duration_seconds", "protocol" => protocol, "method" => method)
         .record(elapsed.as_secs_f64());
 }
 
@@ -179,6 +227,7 @@ fn code_label(code: tonic::Code) -> &'static str {
         tonic::Code::Ok => "OK",
         tonic::Code::InvalidArgument => "InvalidArgument",
         tonic::Code::OutOfRange => "OutOfRange",
+        tonic::Code::NotFound => "NotFound",
         tonic::Code::ResourceExhausted => "ResourceExhausted",
         tonic::Code::Unavailable => "Unavailable",
         tonic::Code::DeadlineExceeded => "DeadlineExceeded",
@@ -202,11 +251,12 @@ pub fn worker_fault() {
     counter!("cratemae_worker_faults_total").increment(1);
 }
 
-pub fn queue_depth(queues: &[VecDeque<Item>; 2]) {
-    for kind in Kind::ALL {
-        gauge!("cratemae_queue_depth", "kind" => kind.label())
-            .set(queues[kind as usize].len() as f64);
-    }
+pub fn out_of_memory_split() {
+    counter!("cratemae_out_of_memory_splits_total").increment(1);
+}
+
+pub fn queue_depth(kind: Kind, depth: usize) {
+    gauge!("cratemae_queue_depth", "kind" => kind.label()).set(depth as f64);
 }
 
 pub fn queue_time(kind: Kind, waited: Duration) {

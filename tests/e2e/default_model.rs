@@ -123,3 +123,45 @@ async fn built_in_model_is_trained_and_completes_better_than_mean_colour_fill() 
         "the model beats mean fill on only {wins} of 10 images"
     );
 }
+
+/// A client sending one request at a time must not wait on the transport: with Nagle's
+/// algorithm on the accepted sockets, each response's last frames sat ~40 ms waiting for the
+/// client's delayed ACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serial_calls_do_not_wait_for_delayed_acks() {
+    let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
+    let (_, image) = fashion_mnist_fixtures().remove(0);
+    let call = |client: &mut CrateMaeClient<Channel>| {
+        let mut c = client.clone();
+        let req = embed_request(vec![encoded(image.clone())]);
+        async move {
+            let started = Instant::now();
+            let r = c.embed(req).await.unwrap().into_inner();
+            let timing = r.timing.unwrap();
+            (
+                started.elapsed(),
+                Duration::from_secs_f64(timing.queue_seconds + timing.inference_seconds),
+            )
+        }
+    };
+    for _ in 0..3 {
+        call(&mut client).await;
+    }
+    let mut round_trips = Vec::with_capacity(20);
+    let mut transport = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let (rtt, server) = call(&mut client).await;
+        round_trips.push(rtt);
+        transport.push(rtt.saturating_sub(server));
+    }
+    round_trips.sort();
+    transport.sort();
+    let (median, overhead) = (round_trips[10], transport[10]);
+    eprintln!(
+        "serial Embed: median round trip {median:?}, of which outside queue + model {overhead:?}"
+    );
+    assert!(
+        median < Duration::from_millis(15),
+        "median round trip {median:?}: the delayed-ACK stall is back?"
+    );
+}

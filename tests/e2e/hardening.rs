@@ -150,40 +150,6 @@ async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn worker_panic_fails_only_its_batch() {
-    let (server, mut client) =
-        Server::ready(&[], &[("CRATE_MAE_FAULT_INJECTION_VALUE", "777.25")]).await;
-    let n = (3 * IMAGE_SIZE * IMAGE_SIZE) as usize;
-    let mut poison = vec![0.0f32; n];
-    poison[0] = 777.25;
-    let status = client
-        .embed(embed_request(vec![Image {
-            encoded: vec![],
-            tensor: Some(RawTensor {
-                shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
-                data: poison,
-            }),
-        }]))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Internal);
-    let r = client
-        .embed(embed_request(vec![encoded(png(1))]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.embeddings.len(), 1);
-    assert_eq!(
-        server.health("cratemae.v1.CrateMae").await.unwrap(),
-        ServingStatus::Serving
-    );
-    assert_eq!(
-        metric(&server.scrape().await, "cratemae_worker_faults_total"),
-        Some(1.0)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_and_cancelled_requests_are_dropped_before_compute() {
     // Batch 1 at full resolution: the queue drains slowly, so later requests wait.
     let (server, client) = Server::ready(

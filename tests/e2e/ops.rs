@@ -5,7 +5,8 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_goes_not_serving_serving_not_serving() {
-    let server = Server::start(&[], &[("CRATE_MAE_TEST_LOAD_DELAY_MS", "1500")]).await;
+    // Base at 224 px takes a few seconds to initialise and warm up: long enough to watch.
+    let server = Server::start(&["--preset", "base", "--image-size", "224"], &[]).await;
     // Listening but loading: both names answer NOT_SERVING.
     assert_eq!(
         server.health("cratemae.v1.CrateMae").await.unwrap(),
@@ -90,21 +91,21 @@ async fn metrics_carry_every_series_with_sane_values() {
     assert_eq!(
         metric(
             &body,
-            r#"cratemae_requests_total{method="Embed",code="OK"}"#
+            r#"cratemae_requests_total{protocol="cratemae.v1",method="Embed",code="OK"}"#
         ),
         Some(3.0)
     );
     assert_eq!(
         metric(
             &body,
-            r#"cratemae_requests_total{method="Complete",code="OK"}"#
+            r#"cratemae_requests_total{protocol="cratemae.v1",method="Complete",code="OK"}"#
         ),
         Some(1.0)
     );
     assert_eq!(
         metric(
             &body,
-            r#"cratemae_requests_total{method="Embed",code="InvalidArgument"}"#
+            r#"cratemae_requests_total{protocol="cratemae.v1",method="Embed",code="InvalidArgument"}"#
         ),
         Some(1.0)
     );
@@ -120,7 +121,7 @@ async fn metrics_carry_every_series_with_sane_values() {
     );
     let count = metric(
         &body,
-        r#"cratemae_request_duration_seconds_count{method="Embed"}"#,
+        r#"cratemae_request_duration_seconds_count{protocol="cratemae.v1",method="Embed"}"#,
     )
     .unwrap();
     assert_eq!(count, 4.0);

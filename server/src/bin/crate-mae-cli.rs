@@ -568,7 +568,7 @@ async fn main() -> ExitCode {
         Err(Failure::Grpc(status)) => {
             eprintln!(
                 "error: {}: {}",
-                crate_mae_server::error::code_name(status.code()),
+                crate_mae_server::client::code_name(status.code()),
                 status_detail(&status)
             );
             ExitCode::from(2)

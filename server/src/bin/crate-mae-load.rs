@@ -225,7 +225,7 @@ impl Stats {
             }
             Err(status) => {
                 self.failed.saturating_record(us);
-                let name = crate_mae_server::error::code_name(status.code());
+                let name = crate_mae_server::client::code_name(status.code());
                 let message: String = status.message().chars().take(MAX_ERROR_CHARS).collect();
                 *self.errors.entry(format!("{name}: {message}")).or_default() += 1;
                 name

@@ -1,0 +1,196 @@
+//! The real backend: CRATE-MAE in candle on the configured device and precision.
+//!
+//! Only what each image asked for comes to the host: pooled vectors are formed on the device
+//! for the whole batch and copied once; patch tokens and attention rows only when requested.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use crate_mae::{CrateMae, Keep, Mask, Pooling};
+
+use crate::engine::backend::{Backend, EmbedOutputs, Pixels};
+use crate::engine::types::{
+    AttentionMap, CompleteTask, CompletedPixels, EmbedTask, Embedding, ModelFacts,
+};
+use crate::engine::worker::diagnostics_of;
+use crate::error::ServeError;
+
+pub struct CandleBackend {
+    model: CrateMae,
+    facts: ModelFacts,
+}
+
+impl CandleBackend {
+    pub fn new(model: CrateMae, facts: ModelFacts) -> Self {
+        Self { model, facts }
+    }
+
+    fn input(&self, pixels: Pixels<'_>) -> Result<Tensor, ServeError> {
+        let s = self.facts.config.img_size;
+        Ok(Tensor::from_slice(
+            pixels.data,
+            (pixels.batch, 3, s, s),
+            self.model.device(),
+        )?)
+    }
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>, ServeError> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// `[B, N, d]` tokens pooled both ways on the device, copied to the host once each.
+struct Pooled {
+    dim: usize,
+    cls: Option<Vec<f32>>,
+    mean: Option<Vec<f32>>,
+}
+
+impl Pooled {
+    fn of(
+        tokens: &Tensor,
+        tasks: &[&EmbedTask],
+        source: Option<usize>,
+    ) -> Result<Self, ServeError> {
+        let wants = |p: Pooling| tasks.iter().any(|t| t.layer == source && t.pooling == p);
+        let pool = |p: Pooling| -> Result<Option<Vec<f32>>, ServeError> {
+            if wants(p) {
+                Ok(Some(host(&crate_mae::mae::pool(tokens, p)?)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            dim: tokens.dim(D::Minus1)?,
+            cls: pool(Pooling::Cls)?,
+            mean: pool(Pooling::Mean)?,
+        })
+    }
+
+    fn row(&self, pooling: Pooling, b: usize) -> Vec<f32> {
+        let all = match pooling {
+            Pooling::Cls => &self.cls,
+            Pooling::Mean => &self.mean,
+        };
+        all.as_ref().expect("pooled for a task that asked")[b * self.dim..(b + 1) * self.dim]
+            .to_vec()
+    }
+}
+
+impl Backend for CandleBackend {
+    fn facts(&self) -> &ModelFacts {
+        &self.facts
+    }
+
+    fn embed(
+        &self,
+        pixels: Pixels<'_>,
+        tasks: &[&EmbedTask],
+        sample: bool,
+    ) -> Result<EmbedOutputs, ServeError> {
+        let input = self.input(pixels)?;
+        let requested = tasks.iter().any(|t| t.diagnostics);
+        let mut keep = Keep {
+            outputs: tasks.iter().filter_map(|t| t.layer).collect(),
+            attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
+            diagnostics: sample || requested,
+        };
+        let encoded = match self.model.encode_keeping(&input, None, &keep) {
+            // Sampled for Prometheus only: nobody asked, so a failure must not fail the batch.
+            Err(e) if sample && !requested => {
+                tracing::warn!(error = %e, "skipping a diagnostics sample");
+                keep.diagnostics = false;
+                self.model.encode_keeping(&input, None, &keep)?
+            }
+            other => other?,
+        };
+        let latent = encoded.latent.as_ref().expect("full encoder pass");
+        let mut pooled = BTreeMap::new();
+        pooled.insert(None, Pooled::of(latent, tasks, None)?);
+        for (&l, tokens) in &encoded.outputs {
+            pooled.insert(Some(l), Pooled::of(tokens, tasks, Some(l))?);
+        }
+        let ntok = self.facts.config.seq_len();
+        let heads = self.facts.config.heads;
+        let mut attention_rows = BTreeMap::new();
+        for (&l, attn) in &encoded.attention {
+            // [B, H, N, N] → row 0 (cls), columns 1.. (patches): [B, H, L].
+            let rows = attn.i((.., .., 0, 1..ntok))?.contiguous()?;
+            attention_rows.insert(l, host(&rows)?);
+        }
+        let per_image_attention = heads * (ntok - 1);
+        let mut embeddings = Vec::with_capacity(tasks.len());
+        for (b, task) in tasks.iter().enumerate() {
+            let mut values = pooled[&task.layer].row(task.pooling, b);
+            if task.normalize {
+                let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                values.iter_mut().for_each(|v| *v /= norm);
+            }
+            let patch_tokens = if task.patch_tokens {
+                let source = match task.layer {
+                    None => latent,
+                    Some(l) => &encoded.outputs[&l],
+                };
+                host(&source.i((b, 1..ntok))?)?
+            } else {
+                vec![]
+            };
+            embeddings.push(Embedding {
+                values,
+                patch_tokens,
+                diagnostics: diagnostics_of(encoded.diagnostics.as_deref(), b, task.diagnostics),
+                attention: task.attention_layer.map(|l| AttentionMap {
+                    layer: l,
+                    heads,
+                    cls_to_patches: attention_rows[&l]
+                        [b * per_image_attention..(b + 1) * per_image_attention]
+                        .to_vec(),
+                }),
+            });
+        }
+        Ok(EmbedOutputs {
+            embeddings,
+            sampled: if sample { encoded.diagnostics } else { None },
+        })
+    }
+
+    fn complete(
+        &self,
+        pixels: Pixels<'_>,
+        tasks: &[&CompleteTask],
+    ) -> Result<Vec<CompletedPixels>, ServeError> {
+        let input = self.input(pixels)?;
+        let mask = Mask::stack(tasks.iter().map(|t| &t.mask));
+        let keep = Keep {
+            diagnostics: tasks.iter().any(|t| t.diagnostics),
+            ..Keep::default()
+        };
+        let (out, encoded) = self.model.complete_keeping(&input, &mask, &keep)?;
+        // Masked-patch MSE per image, on the device: Σ_l m·mean_k (pred − x)² / Σ_l m.
+        let target = self.model.patchify(&input)?;
+        let per_patch = (&out.pred - &target)?.sqr()?.mean(D::Minus1)?;
+        let mse = ((per_patch * &out.mask)?.sum(1)? / out.mask.sum(1)?)?;
+        let mse: Vec<f32> = mse.to_vec1()?;
+        let plane = 3 * self.facts.config.img_size * self.facts.config.img_size;
+        let reconstruction = host(&out.reconstruction)?;
+        let composite = host(&out.composite)?;
+        Ok(tasks
+            .iter()
+            .enumerate()
+            .map(|(b, task)| CompletedPixels {
+                reconstruction: reconstruction[b * plane..(b + 1) * plane].to_vec(),
+                composite: composite[b * plane..(b + 1) * plane].to_vec(),
+                masked_patch_mse: mse[b],
+                diagnostics: diagnostics_of(encoded.diagnostics.as_deref(), b, task.diagnostics),
+            })
+            .collect())
+    }
+
+    fn warm_up(&self, batch: usize) -> Result<(), ServeError> {
+        Ok(self.model.warm_up(batch, true)?)
+    }
+
+    fn parallel_batches(&self) -> bool {
+        matches!(self.model.device(), Device::Cpu)
+    }
+}

@@ -1,0 +1,386 @@
+//! The two queues between admission and the model workers, and batch formation.
+//!
+//! - **Two queues**, embed and complete, because their images cost differently. When both
+//!   have work, the kind that has consumed less (cost-weighted) worker time goes next.
+//! - **Work-conserving and formed at the last moment**: a worker that is free takes a batch
+//!   of whatever is waiting, up to `max_batch_size` images, so requests arriving while every
+//!   worker is busy still join the next batch; `max_batch_delay` optionally waits for more.
+//! - Items whose deadline passed or whose client went away are dropped before compute.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::engine::admission::Permit;
+use crate::engine::types::{CompletedPixels, Embedding, Task, Timing};
+use crate::error::ServeError;
+use crate::imaging::Pixels;
+use crate::telemetry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Embed,
+    Complete,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Embed, Kind::Complete];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Embed => "embed",
+            Kind::Complete => "complete",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Task {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Task::Embed(_) => Kind::Embed,
+            Task::Complete(_) => Kind::Complete,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Output {
+    Embed(Embedding),
+    Complete(CompletedPixels),
+}
+
+pub type ItemResult = Result<(Output, Timing), ServeError>;
+
+/// One image's worth of work.
+pub struct Item {
+    pub pixels: Pixels,
+    pub task: Task,
+    pub deadline: Option<Instant>,
+    pub admitted_at: Instant,
+    pub reply: oneshot::Sender<ItemResult>,
+    /// Released when the item is finished or dropped.
+    pub permit: Permit,
+    /// The request's span: the worker's spans for this image are its children.
+    pub span: tracing::Span,
+    /// Open while the image waits; closed when its batch starts.
+    pub waiting: tracing::Span,
+}
+
+impl Item {
+    /// Why this item should not be computed, if it should not.
+    /// A passed deadline wins over a closed reply: a client whose own deadline fired also
+    /// resets the stream, and "deadline" is the more useful reason.
+    fn drop_reason(&self, now: Instant) -> Option<&'static str> {
+        if self.deadline.is_some_and(|d| d <= now) {
+            Some("deadline")
+        } else if self.reply.is_closed() {
+            Some("cancelled")
+        } else {
+            None
+        }
+    }
+
+    /// Answers a dropped item (if anyone still listens). The request-level guard in the
+    /// transport counts it, once per request.
+    fn reject(self, reason: &'static str) {
+        let err = match reason {
+            "deadline" => {
+                ServeError::DeadlineExceeded("deadline passed while queued; not computed".into())
+            }
+            _ => ServeError::Cancelled("client cancelled; not computed".into()),
+        };
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+/// A formed batch, for one worker.
+pub struct Batch {
+    pub kind: Kind,
+    pub items: Vec<Item>,
+}
+
+impl Batch {
+    /// Drops, just before compute, items that went stale while the batch waited; `true` if
+    /// anything is left to compute.
+    pub fn prune(&mut self) -> bool {
+        let now = Instant::now();
+        let (keep, stale): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.items)
+            .into_iter()
+            .partition(|item| item.drop_reason(now).is_none());
+        for item in stale {
+            let reason = item.drop_reason(now).unwrap_or("cancelled");
+            item.reject(reason);
+        }
+        self.items = keep;
+        !self.items.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queues: [VecDeque<Item>; 2],
+    /// Cost-weighted images served per kind (for fair sharing).
+    served: [f64; 2],
+    closed: bool,
+}
+
+pub struct Queues {
+    state: Mutex<State>,
+    wake: Condvar,
+    max_batch_size: usize,
+    max_batch_delay: Duration,
+    cost: [f64; 2],
+}
+
+impl Queues {
+    pub fn new(max_batch_size: usize, max_batch_delay: Duration, complete_cost: f64) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            max_batch_size,
+            max_batch_delay,
+            cost: [1.0, complete_cost],
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queues inconsistent (every
+        // mutation is a single push/pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enqueues the items of one request; fails (returning nothing queued) after `close`.
+    pub fn push(&self, items: Vec<Item>) -> Result<(), ServeError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(ServeError::Unavailable("server is shutting down".into()));
+        }
+        for item in items {
+            let k = item.task.kind().index();
+            if state.queues[k].is_empty() {
+                // A kind that was idle does not get to bank credit for the idle time.
+                let other = state.served[1 - k];
+                state.served[k] = state.served[k].max(other);
+            }
+            state.queues[k].push_back(item);
+        }
+        report_depth(&state);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops accepting; workers drain what is queued, then end.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_all();
+    }
+
+    /// Fails everything still queued (the device is gone: nothing will compute it).
+    pub fn fail_all(&self, error: &ServeError) {
+        let mut state = self.lock();
+        for queue in &mut state.queues {
+            for item in queue.drain(..) {
+                let _ = item.reply.send(Err(error.clone()));
+            }
+        }
+        report_depth(&state);
+    }
+
+    /// Blocks until there is work, then forms a batch of it. `None` once closed and empty.
+    pub fn next_batch(&self) -> Option<Batch> {
+        let mut state = self.lock();
+        loop {
+            let kind = loop {
+                if let Some(kind) = self.pick(&state) {
+                    break kind;
+                }
+                if state.closed {
+                    return None;
+                }
+                state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+            };
+            let k = kind.index();
+            if !self.max_batch_delay.is_zero() && !state.closed {
+                let until = Instant::now() + self.max_batch_delay;
+                while state.queues[k].len() < self.max_batch_size && !state.closed {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = self
+                        .wake
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+            let now = Instant::now();
+            let mut items = Vec::with_capacity(self.max_batch_size);
+            while items.len() < self.max_batch_size {
+                let Some(item) = state.queues[k].pop_front() else {
+                    break;
+                };
+                match item.drop_reason(now) {
+                    Some(reason) => item.reject(reason),
+                    None => items.push(item),
+                }
+            }
+            report_depth(&state);
+            if items.is_empty() {
+                continue; // everything picked was stale; look again
+            }
+            state.served[k] += items.len() as f64 * self.cost[k];
+            let more = state.queues.iter().any(|q| !q.is_empty());
+            drop(state);
+            if more {
+                // Another free worker may take the rest.
+                self.wake.notify_one();
+            }
+            return Some(Batch { kind, items });
+        }
+    }
+
+    /// The kind that has been served least among those with work.
+    fn pick(&self, state: &State) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| !state.queues[k.index()].is_empty())
+            .min_by(|a, b| state.served[a.index()].total_cmp(&state.served[b.index()]))
+    }
+}
+
+fn report_depth(state: &State) {
+    for kind in Kind::ALL {
+        telemetry::queue_depth(kind, state.queues[kind.index()].len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::admission::Admission;
+    use crate::engine::types::{Admit, CompleteTask, EmbedTask};
+    use crate_mae::{Mask, Pooling};
+    use std::sync::Arc;
+
+    async fn item(kind: Kind, admission: &Admission) -> (Item, oneshot::Receiver<ItemResult>) {
+        let (tx, rx) = oneshot::channel();
+        let task = match kind {
+            Kind::Embed => Task::Embed(Arc::new(EmbedTask {
+                pooling: Pooling::Cls,
+                layer: None,
+                normalize: false,
+                patch_tokens: false,
+                diagnostics: false,
+                attention_layer: None,
+            })),
+            Kind::Complete => Task::Complete(CompleteTask {
+                mask: Mask::none(1, 4),
+                diagnostics: false,
+            }),
+        };
+        let permit = admission
+            .admit(1, Admit::Try, None)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        (
+            Item {
+                pixels: vec![],
+                task,
+                deadline: None,
+                admitted_at: Instant::now(),
+                reply: tx,
+                permit,
+                span: tracing::Span::none(),
+                waiting: tracing::Span::none(),
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn batches_take_what_is_waiting_up_to_the_limit_and_alternate_fairly() {
+        let a = Admission::new(100);
+        let q = Queues::new(3, Duration::ZERO, 2.0);
+        let mut receivers = vec![];
+        let mut items = vec![];
+        for kind in [Kind::Embed; 7].into_iter().chain([Kind::Complete; 4]) {
+            let (i, rx) = item(kind, &a).await;
+            items.push(i);
+            receivers.push(rx);
+        }
+        q.push(items).unwrap();
+        let sizes: Vec<(Kind, usize)> = (0..5)
+            .map(|_| {
+                let b = q.next_batch().unwrap();
+                (b.kind, b.items.len())
+            })
+            .collect();
+        // Embed first (tie → first kind), then complete (less served), then embed again ...
+        // complete images cost 2, so embed gets two turns for each complete turn.
+        assert_eq!(
+            sizes,
+            vec![
+                (Kind::Embed, 3),
+                (Kind::Complete, 3),
+                (Kind::Embed, 3),
+                (Kind::Embed, 1),
+                (Kind::Complete, 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelled_items_are_dropped_before_compute() {
+        let a = Admission::new(10);
+        let q = Queues::new(8, Duration::ZERO, 2.0);
+        let (gone, rx_gone) = item(Kind::Embed, &a).await;
+        let (kept, _rx_kept) = item(Kind::Embed, &a).await;
+        drop(rx_gone);
+        q.push(vec![gone, kept]).unwrap();
+        let batch = q.next_batch().unwrap();
+        assert_eq!(batch.items.len(), 1);
+        assert_eq!(a.in_flight(), 1, "the dropped item's slot is released");
+    }
+
+    #[tokio::test]
+    async fn a_batch_delay_waits_for_a_fuller_batch() {
+        let a = Admission::new(10);
+        let q = Queues::new(2, Duration::from_millis(200), 2.0);
+        let (one, _r1) = item(Kind::Embed, &a).await;
+        let (two, _r2) = item(Kind::Embed, &a).await;
+        q.push(vec![one]).unwrap();
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| q.next_batch().map(|b| b.items.len()));
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(!worker.is_finished(), "still within the batch delay");
+            q.push(vec![two]).unwrap();
+            assert_eq!(worker.join().unwrap(), Some(2), "full: formed at once");
+        });
+    }
+
+    #[tokio::test]
+    async fn closed_queues_refuse_work_and_end_after_draining() {
+        let a = Admission::new(10);
+        let q = Queues::new(8, Duration::ZERO, 2.0);
+        let (i, _rx) = item(Kind::Embed, &a).await;
+        q.push(vec![i]).unwrap();
+        q.close();
+        let (late, _rx2) = item(Kind::Embed, &a).await;
+        assert!(matches!(
+            q.push(vec![late]),
+            Err(ServeError::Unavailable(_))
+        ));
+        assert!(q.next_batch().is_some());
+        assert!(q.next_batch().is_none());
+    }
+}
