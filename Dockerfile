@@ -8,8 +8,10 @@
 
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
-ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04
-ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+# CUDA 13.0: the GPU hosts run driver 580 (CUDA 13.0), which JIT-compiles the PTX candle embeds
+# only if nvcc is no newer than 13.0; cudarc 0.19.10 knows CUDA up to 13.4.
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 # ---- sources: the workspace as cargo needs it (every member's manifest and sources) ----------
 # deploy/validate.sh loads the workspace from exactly these paths, so a new member that is
@@ -52,9 +54,11 @@ ENTRYPOINT ["/usr/local/bin/crate-mae-server"]
 # ---- build (CUDA) ----------------------------------------------------------------------------
 FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
 ARG RUST_TOOLCHAIN=1.95.0
+# 90 = H100/H200 (candle's kernels build for sm_90a); 80 for A100, 89 for L4/L40S.
 ARG CUDA_COMPUTE_CAP=90
 ENV PATH=/root/.cargo/bin:${PATH} \
-    CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+    CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
+    CUDARC_CUDA_VERSION=13000
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Versions follow the CUDA base image's distribution; pinning them here would break on every
 # base image bump.
@@ -80,8 +84,11 @@ EXPOSE 50051 9090
 ENV CRATE_MAE_GRPC_ADDR=0.0.0.0:50051 \
     CRATE_MAE_METRICS_ADDR=0.0.0.0:9090 \
     CRATE_MAE_LOG_FORMAT=json \
-    CRATE_MAE_DEVICE=cuda
+    CRATE_MAE_DEVICE=cuda \
+    CRATE_MAE_DTYPE=bf16
 STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD ["/usr/local/bin/crate-mae-cli", "--addr", "http://127.0.0.1:50051", "--timeout", "2", "health", "--service", "cratemae.v1.CrateMae"]
 ENTRYPOINT ["/usr/local/bin/crate-mae-server"]
 
 # The default build target is the CPU image.

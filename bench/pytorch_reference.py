@@ -2,13 +2,13 @@
 
 This is an independent reimplementation written from the model specification (it is NOT the
 official Ma-Lab-Berkeley/CRATE code). Its correctness is checked against the golden vectors in
-/work/shared/golden/set_a, which were produced by the official, unmodified code. Parameter names
+model/tests/golden/set_a, which were produced by the official, unmodified code. Parameter names
 match the official state_dict, so official checkpoints load directly (`pos_embed` and
 `decoder_embed.*` exist in official checkpoints but are unused by the forward pass and skipped).
 
 Commands (run from /work/main):
   # correctness: no-mask encoder latent + decoder prediction (and the 75%-masked pass) vs golden
-  /tmp/torchvenv/bin/python bench/pytorch_reference.py --check-golden /work/shared/golden/set_a
+  /tmp/torchvenv/bin/python bench/pytorch_reference.py --check-golden model/tests/golden/set_a
   # benchmark: encoder img/s and encoder+decoder with a 75% random mask (completion) img/s
   /tmp/torchvenv/bin/python bench/pytorch_reference.py --bench --sizes tiny,small,base \
       --batches 1,8,32 --threads 2 --seconds 3 --json bench/pytorch_results.json
@@ -27,6 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 SIZES = {"tiny": (384, 12, 6), "small": (576, 12, 12), "base": (768, 12, 12)}  # dim, depth, heads
+# Benchmark configurations by name: (img_size, patch, dim, depth, heads); lambda 0.5, eta 0.1.
+# `builtin` is the shape of the server's built-in Fashion-MNIST model.
+CONFIGS = {"builtin": (32, 4, 128, 4, 4),
+           **{name: (224, 16, *shape) for name, shape in SIZES.items()}}
 
 
 class PreNorm(nn.Module):
@@ -132,6 +136,13 @@ class CrateMAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
 
+def build_model(config, seed=0):
+    """A CrateMAE of a named configuration (CONFIGS) with seeded random weights, in eval mode."""
+    img_size, patch, dim, depth, heads = CONFIGS[config]
+    torch.manual_seed(seed)
+    return CrateMAE(img_size, patch, dim, depth, heads).eval()
+
+
 def read_safetensors(path):
     dtypes = {"F32": "f4", "F64": "f8", "F16": "f2", "I64": "i8", "I32": "i4", "U8": "u1", "BOOL": "?"}
     raw = Path(path).read_bytes()
@@ -185,41 +196,56 @@ def random_mask(batch, num_patches, ratio, gen):
     return mask
 
 
-def timed(fn, batch, seconds):
+def median_call(fn, seconds, sync):
+    """Seconds per call: the median of at least 3 calls and `seconds` of calls, the device
+    synchronised after each."""
     fn()  # warm-up
-    iters, t0 = 0, time.perf_counter()
-    while True:
+    sync()
+    times, t0 = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
         fn()
-        iters += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds and iters >= 2:
-            return batch * iters / elapsed, iters
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2], len(times)
 
 
 def bench(args):
-    torch.manual_seed(0)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for size in args.sizes.split(","):
-        dim, depth, heads = SIZES[size]
-        model = CrateMAE(224, 16, dim, depth, heads).eval()
-        for batch in [int(b) for b in args.batches.split(",")]:
-            imgs = torch.randn(batch, 3, 224, 224, generator=gen)
-            mask = random_mask(batch, (224 // 16) ** 2, 0.75, gen)
-            with torch.inference_mode():
-                enc, enc_it = timed(lambda: model.forward_encoder(imgs), batch, args.seconds)
-                comp, comp_it = timed(lambda: model.forward_decoder(model.forward_encoder(imgs, mask)),
-                                      batch, args.seconds)
-            rows.append(dict(size=size, batch=batch, encoder_img_s=enc, encoder_iters=enc_it,
-                             completion_img_s=comp, completion_iters=comp_it))
-            print(f"  {size} b{batch}: encoder {enc:.2f} img/s ({enc_it} it), "
-                  f"completion {comp:.2f} img/s ({comp_it} it)", flush=True)
-    print("\n| size | batch | encoder img/s | completion img/s |\n|---|---|---|---|")
+        img, patch = CONFIGS[size][:2]
+        model = build_model(size).to(device)
+        for dtype in args.dtypes.split(","):
+            # bf16 as PyTorch users run it: autocast (matmuls in bf16, norms and softmax in f32).
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            for batch in [int(b) for b in args.batches.split(",")]:
+                imgs = torch.randn(batch, 3, img, img, generator=gen).to(device)
+                mask = random_mask(batch, (img // patch) ** 2, 0.75, gen).to(device)
+                with torch.inference_mode(), autocast:
+                    enc, enc_it = median_call(lambda: model.forward_encoder(imgs), args.seconds, sync)
+                    comp = None
+                    if not args.encoder_only:
+                        comp, _ = median_call(
+                            lambda: model.forward_decoder(model.forward_encoder(imgs, mask)), args.seconds, sync)
+                row = dict(engine=f"torch-{dtype}", config=size, size=size, dtype=dtype, device=device.type,
+                           batch=batch, threads=torch.get_num_threads(), images_per_s=batch / enc,
+                           ms_per_batch=enc * 1e3, encoder_img_s=batch / enc, encoder_iters=enc_it,
+                           completion_img_s=batch / comp if comp else None)
+                rows.append(row)
+                print(f"  {size} {dtype} b{batch}: encoder {batch / enc:.2f} img/s ({enc * 1e3:.2f} ms)"
+                      + (f", completion {batch / comp:.2f} img/s" if comp else ""), flush=True)
+    print("\n| size | dtype | batch | encoder img/s | ms per batch | completion img/s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['batch']} | {r['encoder_img_s']:.2f} | {r['completion_img_s']:.2f} |")
+        comp = f"{r['completion_img_s']:.2f}" if r["completion_img_s"] else "-"
+        print(f"| {r['size']} | {r['dtype']} | {r['batch']} | {r['encoder_img_s']:.2f} | {r['ms_per_batch']:.2f} | {comp} |")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+            {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
              "seconds": args.seconds, "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
@@ -233,6 +259,9 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16 (autocast)")
+    p.add_argument("--encoder-only", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,10 +1,14 @@
 //! Throughput of the encoder (embedding) and encoder + decoder (completion) on seeded random
-//! weights, for the official sizes at several batch sizes.
+//! weights, for the official sizes and the built-in model's shape, at several batch sizes,
+//! on any device and precision.
 //!
+//! Each cell is timed call by call (the device synchronised after each) for at least
+//! `--seconds` and at least 3 calls; the figure is the median call.
 //! GFLOP/s counts the paper's FLOPs (three-matmul ISTA, 15.605 GFLOPs per Base image), so the
 //! figure compares directly with PyTorch's; the fused ISTA does fewer real FLOPs.
 //!
-//! `cargo run --release -p crate-mae --example bench -- --sizes tiny,small,base --batches 1,8,32`
+//! `cargo run --release -p crate-mae --example bench -- --sizes builtin,tiny,base --batches 1,8,32`
+//! `... -- --device cuda --dtypes f32,bf16,f16 --batches 1,8,32,128 --json gpu.json` (cuda build)
 
 use std::time::{Duration, Instant};
 
@@ -14,10 +18,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use crate_mae::{checkpoint, init, CrateMaeConfig, Keep, Mask};
+use crate_mae::{checkpoint, device, init, CrateMaeConfig, Keep, Mask, ModelError, Precision};
 
 #[derive(Parser)]
 struct Args {
+    /// builtin (the server's default model: d128, depth 4, 32 px, patch 4), tiny, small,
+    /// base, large.
     #[arg(long, value_delimiter = ',', default_value = "tiny,small,base")]
     sizes: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -28,80 +34,232 @@ struct Args {
     /// Skip the completion (encoder + decoder) column.
     #[arg(long)]
     encoder_only: bool,
-    /// Also time the encoder with the three-matmul ISTA instead of the fused one.
+    /// Also time the encoder while computing the white-box diagnostics.
     #[arg(long)]
     diagnostics: bool,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dtypes: Vec<Precision>,
+    /// Also write the figures as JSON records.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Instead of timing: check that the device's out-of-memory error is recognised as such.
+    #[arg(long)]
+    check_oom: bool,
+    /// Instead of whole passes: time each operation of one encoder block (first size, dtype
+    /// and batch given), the device synchronised around each.
+    #[arg(long)]
+    profile: bool,
 }
 
-/// Runs `f` at least twice and for at least `min` seconds; returns images/s.
-fn images_per_second(
-    batch: usize,
+fn config(name: &str) -> Result<CrateMaeConfig> {
+    if name == "builtin" {
+        return Ok(CrateMaeConfig {
+            img_size: 32,
+            patch_size: 4,
+            dim: 128,
+            depth: 4,
+            heads: 4,
+            decoder_depth: 4,
+            decoder_num_heads: 4,
+            ..CrateMaeConfig::tiny()
+        });
+    }
+    Ok(CrateMaeConfig::preset(name)?)
+}
+
+/// Times `f` call by call (at least 3 calls and `min`); returns the median call.
+fn median_call(
+    device: &Device,
     min: Duration,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+) -> Result<Duration> {
     f()?; // warm-up
+    device.synchronize()?;
     let start = Instant::now();
-    let mut runs = 0;
-    while runs < 2 || start.elapsed() < min {
+    let mut calls = Vec::new();
+    while calls.len() < 3 || start.elapsed() < min {
+        let t = Instant::now();
         f()?;
-        runs += 1;
+        device.synchronize()?;
+        calls.push(t.elapsed());
     }
-    Ok((runs * batch) as f64 / start.elapsed().as_secs_f64())
+    calls.sort();
+    Ok(calls[calls.len() / 2])
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(t) = args.threads {
+        // candle sizes its matmul parallelism from this variable; rayon its pool.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()?;
+    }
+    let device = device::parse_device(&args.device)?;
+    if args.check_oom {
+        return check_oom(&device);
+    }
+    if args.profile {
+        return profile(&args, &device);
+    }
+    let threads = rayon::current_num_threads();
     let min = Duration::from_secs_f64(args.seconds);
-    println!(
-        "threads: {} (rayon), device: cpu",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
-    println!("| size | batch | encoder img/s | encoder GFLOP/s (paper count) | completion img/s | diagnostics overhead |");
-    println!("|---|---|---|---|---|---|");
+    println!("threads: {threads}, device: {}", device::describe(&device));
+    println!("| size | dtype | batch | encoder img/s | ms per batch | encoder GFLOP/s (paper count) | completion img/s | diagnostics overhead |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut records = Vec::new();
     for size in &args.sizes {
-        let cfg = CrateMaeConfig::preset(size)?;
-        let weights = init::random_weights(&cfg, 0, &Device::Cpu)?;
-        let model = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu)?;
-        for &batch in &args.batches {
-            let x = Tensor::randn(
-                0f32,
-                1.0,
-                (batch, 3, cfg.img_size, cfg.img_size),
-                &Device::Cpu,
-            )?
-            .to_dtype(DType::F32)?;
-            let enc = images_per_second(batch, min, || {
-                model.embed_tokens(&x)?;
-                Ok(())
-            })?;
-            let gflops = enc * cfg.encoder_flops_per_image() / 1e9;
-            let completion = if args.encoder_only {
-                "-".to_string()
-            } else {
-                let mask = Mask::random(batch, cfg.num_patches(), 0.75, 0)?;
-                let ips = images_per_second(batch, min, || {
-                    model.complete(&x, &mask)?;
+        let cfg = config(size)?;
+        let weights = init::random_weights(&cfg, 0, &device)?;
+        let f32_model = checkpoint::model_from_tensors(weights, &cfg, &device)?;
+        for &precision in &args.dtypes {
+            precision.check_device(&device)?;
+            let model = f32_model.to_dtype(precision.dtype())?;
+            for &batch in &args.batches {
+                let x = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &device)?
+                    .to_dtype(DType::F32)?;
+                let enc = median_call(&device, min, || {
+                    model.encode(&x, None)?;
                     Ok(())
                 })?;
-                format!("{ips:.1}")
-            };
-            let diag = if args.diagnostics {
-                let ips = images_per_second(batch, min, || {
+                let ips = batch as f64 / enc.as_secs_f64();
+                let gflops = ips * cfg.encoder_flops_per_image() / 1e9;
+                let completion = if args.encoder_only {
+                    None
+                } else {
+                    let mask = Mask::random(batch, cfg.num_patches(), 0.75, 0)?;
+                    let t = median_call(&device, min, || {
+                        model.complete(&x, &mask)?;
+                        Ok(())
+                    })?;
+                    Some(batch as f64 / t.as_secs_f64())
+                };
+                let diag = if args.diagnostics {
                     let keep = Keep {
                         diagnostics: true,
                         ..Keep::default()
                     };
-                    model.encode_keeping(&x, None, &keep)?;
-                    Ok(())
-                })?;
-                format!("{:+.0} % time", (enc / ips - 1.0) * 100.0)
-            } else {
-                "-".to_string()
-            };
-            println!("| {size} | {batch} | {enc:.1} | {gflops:.0} | {completion} | {diag} |");
+                    let t = median_call(&device, min, || {
+                        model.encode_keeping(&x, None, &keep)?;
+                        Ok(())
+                    })?;
+                    format!(
+                        "{:+.0} % time",
+                        (t.as_secs_f64() / enc.as_secs_f64() - 1.0) * 100.0
+                    )
+                } else {
+                    "-".to_string()
+                };
+                println!(
+                    "| {size} | {precision} | {batch} | {ips:.1} | {:.2} | {gflops:.0} | {} | {diag} |",
+                    enc.as_secs_f64() * 1e3,
+                    completion.map_or("-".into(), |c| format!("{c:.1}"))
+                );
+                records.push(serde_json::json!({
+                    "engine": "crate-mae",
+                    "config": size,
+                    "dtype": precision.name(),
+                    "device": device::describe(&device),
+                    "batch": batch,
+                    "threads": threads,
+                    "images_per_s": ips,
+                    "ms_per_batch": enc.as_secs_f64() * 1e3,
+                    "completion_images_per_s": completion,
+                }));
+            }
         }
     }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&records)?)?;
+    }
+    Ok(())
+}
+
+/// Asks the device for far more memory than it has: the error must classify as out of
+/// memory (the server then retries smaller batches instead of failing the device).
+fn check_oom(device: &Device) -> Result<()> {
+    let huge = Tensor::zeros((1usize << 40,), DType::F32, device).map_err(ModelError::from);
+    match huge {
+        Err(ModelError::OutOfMemory(msg)) => {
+            println!("{{\"out_of_memory_recognised\": true, \"message\": {msg:?}}}");
+            Ok(())
+        }
+        Err(other) => anyhow::bail!("not classified as out of memory: {other}"),
+        Ok(_) => anyhow::bail!("a 4 TiB tensor was allocated?"),
+    }
+}
+
+/// Where one encoder block's time goes, operation by operation.
+fn profile(args: &Args, device: &Device) -> Result<()> {
+    use candle_core::Module;
+    let (size, precision, batch) = (&args.sizes[0], args.dtypes[0], args.batches[0]);
+    let cfg = config(size)?;
+    let weights = init::random_weights(&cfg, 0, device)?;
+    let model =
+        checkpoint::model_from_tensors(weights, &cfg, device)?.to_dtype(precision.dtype())?;
+    let block = &model.encoder_blocks()[0];
+    let (qkv, to_out, _) = block.mssa().parts();
+    let to_out = to_out.expect("official configs have to_out");
+    let (ista, threshold) = block.ista().fused().expect("inference model");
+    let (n, d, h) = (cfg.seq_len(), cfg.dim, cfg.heads);
+    let x = Tensor::randn(0f32, 1.0, (batch, n, d), device)?.to_dtype(precision.dtype())?;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<(f64, Tensor)> {
+        let out = f()?;
+        let t = median_call(
+            device,
+            Duration::from_secs_f64(args.seconds.min(0.5)),
+            || {
+                f()?;
+                Ok(())
+            },
+        )?;
+        Ok((t.as_secs_f64() * 1e3, out))
+    };
+    let mut rows: Vec<(&str, f64)> = vec![];
+    let (t, ln1) = time(&|| block.ln1().forward(&x))?;
+    rows.push(("LayerNorm 1", t));
+    let (t, w) = time(&|| qkv.forward(&ln1))?;
+    rows.push(("qkv linear", t));
+    let (t, heads) = time(&|| {
+        w.reshape((batch, n, h, d / h))?
+            .transpose(1, 2)?
+            .contiguous()
+    })?;
+    rows.push(("split heads (copy)", t));
+    let (t, scores) = time(&|| heads.matmul(&heads.t()?))?;
+    rows.push(("scores w·wᵀ", t));
+    let (t, attn) = time(&|| crate_mae::ops::softmax_last_dim(&scores))?;
+    rows.push(("softmax", t));
+    let (t, av) = time(&|| attn.matmul(&heads))?;
+    rows.push(("A·w", t));
+    let (t, merged) = time(&|| av.transpose(1, 2)?.reshape((batch, n, d)))?;
+    rows.push(("merge heads (copy)", t));
+    let (t, o) = time(&|| to_out.forward(&merged))?;
+    rows.push(("to_out linear", t));
+    let (t, z) = time(&|| &x + &o)?;
+    rows.push(("residual add", t));
+    let (t, ln2) = time(&|| block.ln2().forward(&z))?;
+    rows.push(("LayerNorm 2", t));
+    let (t, m) = time(&|| ista.forward(&ln2))?;
+    rows.push(("ISTA n·M", t));
+    let (t, _) = time(&|| crate_mae::ops::shrink_relu(&m, threshold))?;
+    rows.push(("shrink + ReLU", t));
+    let (t, _) = time(&|| block.forward(&x))?;
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    println!(
+        "{size}, {precision}, batch {batch}, {}: one encoder block",
+        device::describe(device)
+    );
+    println!("| operation | ms | share |\n|---|---|---|");
+    for (name, ms) in &rows {
+        println!("| {name} | {ms:.3} | {:.0} % |", 100.0 * ms / total);
+    }
+    println!("| sum of the operations | {total:.3} | |\n| the block's forward | {t:.3} | |");
     Ok(())
 }

@@ -22,6 +22,7 @@
 
 use candle_core::{DType, Tensor, D};
 use nalgebra::DMatrix;
+use rayon::prelude::*;
 
 use crate::config::CrateMaeConfig;
 use crate::encoder::EncoderBlockTrace;
@@ -113,19 +114,17 @@ pub fn coding_rate(tokens: &Tensor, heads: usize, eps: f64) -> Result<Vec<f64>> 
     let k = dh.min(n);
     let gram: Vec<f32> = gram.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let scale = dh as f64 / (n as f64 * eps);
-    gram.chunks_exact(heads * k * k)
-        .map(|image| {
-            image
-                .chunks_exact(k * k)
-                .map(|g| {
-                    let m = DMatrix::from_fn(k, k, |r, c| {
-                        f64::from(r == c) + scale * f64::from(g[r * k + c])
-                    });
-                    Ok(0.5 * logdet_spd(m)?)
-                })
-                .sum()
+    // The factorisations are independent: spread them over the caller's compute threads.
+    let halves = gram
+        .par_chunks_exact(k * k)
+        .map(|g| {
+            let m = DMatrix::from_fn(k, k, |r, c| {
+                f64::from(r == c) + scale * f64::from(g[r * k + c])
+            });
+            Ok(0.5 * logdet_spd(m)?)
         })
-        .collect()
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(halves.chunks_exact(heads).map(|h| h.iter().sum()).collect())
 }
 
 /// `log det` of a symmetric positive-definite matrix via Cholesky: `2 Σ log L_ii`.

@@ -73,6 +73,10 @@ pub struct Keep {
     pub attention: BTreeSet<usize>,
     /// Rate-reduction diagnostics of every block.
     pub diagnostics: bool,
+    /// Compute the diagnostics for the first images only (a monitoring sample needs a few
+    /// images, not the whole batch: on a GPU the host-side factorisations would otherwise
+    /// cost more than the batch). `None`: every image.
+    pub diagnostics_images: Option<usize>,
 }
 
 impl Keep {
@@ -321,11 +325,14 @@ impl CrateMae {
             x = if keep.traces(i) {
                 let t = block.trace(&x)?;
                 if let Some(d) = out.diagnostics.as_mut() {
+                    let b = t.ln1.dim(0)?;
+                    let n = keep.diagnostics_images.map_or(b, |n| n.clamp(1, b));
+                    let first = |x: &Tensor| x.narrow(0, 0, n);
                     d.push(diagnostics::layer(
                         i,
-                        &t.ln1,
-                        &t.qkv,
-                        &t.out,
+                        &first(&t.ln1)?,
+                        &first(&t.qkv)?,
+                        &first(&t.out)?,
                         self.cfg.heads,
                     )?);
                 }

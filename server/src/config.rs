@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_THREADING", default_value = "auto", value_parser = parse_threading)]
     pub threading: ThreadingChoice,
 
+    /// Threads for gRPC and request handling (default: 2 on a CPU, where the model needs the
+    /// cores; half the cores on a GPU, where decoding and transport are the CPU's work).
+    #[arg(long, env = "CRATE_MAE_IO_THREADS")]
+    pub io_threads: Option<usize>,
+
     /// The name clients address the model by (Open Inference Protocol `model_name`; the
     /// completion model is `<name>-complete`).
     #[arg(long, env = "CRATE_MAE_MODEL_NAME", default_value = "crate-mae")]
@@ -197,6 +202,17 @@ fn parse_threading(s: &str) -> Result<ThreadingChoice, String> {
 impl Config {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    pub fn io_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        self.io_threads
+            .unwrap_or(if self.device.starts_with("cpu") {
+                2
+            } else {
+                cores / 2
+            })
+            .max(1)
     }
 
     /// The batch limit: as given, or the device's default.

@@ -25,10 +25,10 @@ async fn termination() {
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    // gRPC and preprocessing share the cores with the model threads' matmuls: keep the
-    // async runtime small.
+    // On a CPU, gRPC and preprocessing share the cores with the model threads' matmuls: the
+    // async runtime stays small there (see `--io-threads`).
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.io_threads())
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {

@@ -285,3 +285,63 @@ pub fn diagnostics(layers: &[crate_mae::LayerDiagnostics]) {
 pub fn auth_failure() {
     counter!("cratemae_auth_failures_total").increment(1);
 }
+
+/// The GPU's memory and utilisation as gauges, from the driver's NVML (loaded at run time;
+/// without it, a warning and no GPU gauges). Polled every few seconds on a thread of its own.
+#[cfg(feature = "cuda")]
+pub fn watch_gpu(device: &str) {
+    let Some(ordinal) = device
+        .strip_prefix("cuda")
+        .map(|rest| rest.trim_start_matches(':').parse::<u32>().unwrap_or(0))
+    else {
+        return;
+    };
+    let nvml = match nvml_wrapper::Nvml::init() {
+        Ok(nvml) => nvml,
+        Err(e) => {
+            tracing::warn!(error = %e, "NVML is not available: no GPU gauges in /metrics");
+            return;
+        }
+    };
+    describe_gauge!(
+        "cratemae_gpu_memory_used_bytes",
+        Unit::Bytes,
+        "GPU memory in use (all processes), from NVML."
+    );
+    describe_gauge!(
+        "cratemae_gpu_memory_total_bytes",
+        Unit::Bytes,
+        "GPU memory in all, from NVML."
+    );
+    describe_gauge!(
+        "cratemae_gpu_utilization_ratio",
+        "Fraction of the last sample period in which a kernel ran on the GPU, from NVML."
+    );
+    let gpu = ordinal.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("cratemae-nvml".into())
+        .spawn(move || loop {
+            match nvml.device_by_index(ordinal) {
+                Ok(dev) => {
+                    if let Ok(m) = dev.memory_info() {
+                        gauge!("cratemae_gpu_memory_used_bytes", "gpu" => gpu.clone())
+                            .set(m.used as f64);
+                        gauge!("cratemae_gpu_memory_total_bytes", "gpu" => gpu.clone())
+                            .set(m.total as f64);
+                    }
+                    if let Ok(u) = dev.utilization_rates() {
+                        gauge!("cratemae_gpu_utilization_ratio", "gpu" => gpu.clone())
+                            .set(f64::from(u.gpu) / 100.0);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NVML lost the GPU");
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the GPU gauges");
+    }
+}

@@ -6,5 +6,6 @@ mod api;
 mod default_model;
 mod hardening;
 mod ops;
+mod python;
 mod security;
 mod support;

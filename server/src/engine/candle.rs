@@ -15,6 +15,9 @@ use crate::engine::types::{
 use crate::engine::worker::diagnostics_of;
 use crate::error::ServeError;
 
+/// Images of a sampled batch whose diagnostics feed the gauges.
+const SAMPLED_IMAGES: usize = 4;
+
 pub struct CandleBackend {
     model: CrateMae,
     facts: ModelFacts,
@@ -94,6 +97,8 @@ impl Backend for CandleBackend {
             outputs: tasks.iter().filter_map(|t| t.layer).collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
             diagnostics: sample || requested,
+            // The gauges are batch means: a few images estimate them well enough.
+            diagnostics_images: (!requested).then_some(SAMPLED_IMAGES),
         };
         let encoded = match self.model.encode_keeping(&input, None, &keep) {
             // Sampled for Prometheus only: nobody asked, so a failure must not fail the batch.

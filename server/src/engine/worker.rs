@@ -130,7 +130,11 @@ impl<B: Backend> Runner<B> {
             if let Err(e @ ServeError::DeviceLost(_)) = &outcome {
                 lost = Some(e.clone());
             }
-            let _ = item.reply.send(outcome.map(|o| (o, timing)));
+            // The slot is free before the answer goes out, so a client that sends its next
+            // request the moment it hears back is not refused for its own finished image.
+            let Item { reply, permit, .. } = item;
+            drop(permit);
+            let _ = reply.send(outcome.map(|o| (o, timing)));
         }
         if let Some(e) = lost {
             (self.on_device_lost)(&e);

@@ -141,17 +141,23 @@ pub fn request_span(
     span
 }
 
-/// Adds the request id and the model's identity (name and weights version) to response
+/// Adds the request id and the model's identity (name, version, weights SHA-256) to response
 /// metadata, so a client can tell which model answered, even mid-rollout.
 pub fn identify(engine: &Engine, id: &str, metadata: &mut MetadataMap) {
     if let Ok(v) = MetadataValue::try_from(id) {
         metadata.insert("x-request-id", v);
     }
     if let Ok(info) = engine.info() {
-        for (key, value) in [
+        let identity = [
             ("x-model-name", info.name.clone()),
             ("x-model-version", info.version()),
-        ] {
+            // Empty (and so left out) for a random-init model.
+            ("x-model-sha256", info.facts.weights.sha256.clone()),
+        ];
+        for (key, value) in identity {
+            if value.is_empty() {
+                continue;
+            }
             if let Ok(v) = MetadataValue::try_from(value) {
                 metadata.insert(key, v);
             }

@@ -4,9 +4,12 @@
 //!
 //! Two models: `<name>` (embeddings) and `<name>-complete` (masked completion). Inputs are
 //! either `image`, BYTES `[B]` of PNG/JPEG files, or `pixels`, FP32 `[B, 3, S, S]` normalised
-//! pixels, as `raw_input_contents` or typed `contents`. Outputs are always sent as
-//! `raw_output_contents` (what `tritonclient`'s `as_numpy` reads). Request parameters:
-//! `pooling` ("cls" | "mean"), `normalize`, `layer`; `mask_ratio`, `seed` for completion.
+//! pixels, as `raw_input_contents` or typed `contents` (not both). Outputs are always sent as
+//! `raw_output_contents` (what `tritonclient`'s `as_numpy` reads); with no `outputs` listed,
+//! every output of the model, as the protocol says. Request parameters: `pooling` ("cls" |
+//! "mean"), `normalize`, `layer`; `mask_ratio` (a double, or a string such as "0.5": the
+//! `kserve` SDK cannot send doubles) and `seed` for completion. Where the protocol leaves
+//! room, this follows Triton: an unknown model is NOT_FOUND, ModelReady included.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -185,6 +188,25 @@ fn images(
         }
     };
     let input: &mut InferInputTensor = &mut req.inputs[0];
+    if input
+        .parameters
+        .keys()
+        .any(|k| k.starts_with("shared_memory"))
+    {
+        return Err(ServeError::invalid(
+            "shared-memory inputs are not supported: send the data in the request",
+        ));
+    }
+    let typed = input
+        .contents
+        .as_ref()
+        .is_some_and(|c| !(c.bytes_contents.is_empty() && c.fp32_contents.is_empty()));
+    if raw.is_some() && typed {
+        return Err(ServeError::invalid(format!(
+            "input `{}` has both raw_input_contents and typed contents: send one",
+            input.name
+        )));
+    }
     let want = |datatype: &str| -> Result<(), ServeError> {
         if input.datatype == datatype {
             Ok(())
@@ -311,18 +333,20 @@ fn f32_bytes<'a>(values: impl Iterator<Item = &'a f32>) -> Vec<u8> {
     values.flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// The outputs to send: those asked for, or the model's defaults.
-fn requested(
-    req: &pb::ModelInferRequest,
-    all: &[&str],
-    default: &[&str],
-) -> Result<Vec<String>, ServeError> {
+/// The outputs to send: those asked for, or (as the protocol says) all of them.
+fn requested(req: &pb::ModelInferRequest, all: &[&str]) -> Result<Vec<String>, ServeError> {
     if req.outputs.is_empty() {
-        return Ok(default.iter().map(|s| s.to_string()).collect());
+        return Ok(all.iter().map(|s| s.to_string()).collect());
     }
     req.outputs
         .iter()
         .map(|o| {
+            if o.parameters.contains_key("classification") {
+                return Err(ServeError::invalid(format!(
+                    "output `{}`: classification outputs are not supported",
+                    o.name
+                )));
+            }
             if all.contains(&o.name.as_str()) {
                 Ok(o.name.clone())
             } else {
@@ -373,7 +397,7 @@ async fn infer(
     let mut out = Outputs::new();
     match served {
         Served::Embed => {
-            let names = requested(&req, &["embedding", "patch_tokens"], &["embedding"])?;
+            let names = requested(&req, &["embedding", "patch_tokens"])?;
             let pooling = match parameter(&req.parameters, "pooling") {
                 None => None,
                 Some(ParameterChoice::StringParam(p)) => Some(
@@ -436,13 +460,16 @@ async fn infer(
         }
         Served::Complete => {
             let all = ["reconstruction", "composite", "mask", "masked_patch_mse"];
-            let names = requested(&req, &all, &all)?;
+            let names = requested(&req, &all)?;
             let ratio = match parameter(&req.parameters, "mask_ratio") {
                 None => 0.75,
                 Some(ParameterChoice::DoubleParam(r)) => *r as f32,
+                Some(ParameterChoice::StringParam(r)) => r.trim().parse::<f32>().map_err(|_| {
+                    ServeError::invalid(format!("parameter `mask_ratio`: `{r}` is not a number"))
+                })?,
                 Some(other) => {
                     return Err(ServeError::invalid(format!(
-                        "parameter `mask_ratio` must be a double, got {other:?}"
+                        "parameter `mask_ratio` must be a double or a decimal string, got {other:?}"
                     )))
                 }
             };
@@ -557,11 +584,15 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             "ModelReady",
             request,
             |req, _| async move {
-                let ready = engine.serving()
-                    && engine
-                        .info()
-                        .is_ok_and(|info| resolve(info, &req.name, &req.version).is_ok());
-                Ok(pb::ModelReadyResponse { ready })
+                // As Triton: an unknown model or version is NOT_FOUND; a known one that cannot
+                // serve now (loading, draining) is `ready: false`.
+                let Ok(info) = engine.info() else {
+                    return Ok(pb::ModelReadyResponse { ready: false });
+                };
+                resolve(info, &req.name, &req.version)?;
+                Ok(pb::ModelReadyResponse {
+                    ready: engine.serving(),
+                })
             },
         )
         .await
