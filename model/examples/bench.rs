@@ -120,7 +120,7 @@ fn main() -> Result<()> {
         let f32_model = checkpoint::model_from_tensors(weights, &cfg, &device)?;
         for &precision in &args.dtypes {
             precision.check_device(&device)?;
-            let model = f32_model.to_dtype(precision.dtype())?;
+            let model = f32_model.with_precision(precision)?;
             for &batch in &args.batches {
                 let x = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &device)?
                     .to_dtype(DType::F32)?;

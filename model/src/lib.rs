@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod decoder;
 pub mod device;
 pub mod diagnostics;

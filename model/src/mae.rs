@@ -10,8 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use std::sync::Arc;
+
 use crate::config::CrateMaeConfig;
+use crate::cpu::CpuEncoder;
 use crate::decoder::{DecoderBlock, DecoderBlockTrace};
+use crate::device::Precision;
 use crate::diagnostics::{self, LayerDiagnostics};
 use crate::encoder::{EncoderBlock, EncoderBlockTrace};
 use crate::error::{ModelError, Result};
@@ -136,7 +140,12 @@ pub struct CrateMae {
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
     device: Device,
+    /// The dtype candle computes in.
     dtype: DType,
+    /// The precision the model serves in (on a CPU, the fast encoder's; candle stays f32).
+    precision: Precision,
+    /// The CPU engine for the encoder's inference pass (CPU, inference weights only).
+    cpu: Option<Arc<CpuEncoder>>,
 }
 
 impl CrateMae {
@@ -151,7 +160,7 @@ impl CrateMae {
         let decoder_blocks = (0..cfg.decoder_depth)
             .map(|i| DecoderBlock::new(cfg, vb.pp("decoder_blocks").pp(i)))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
+        let mut model = Self {
             patch_embed: PatchEmbed::new(cfg.in_chans, cfg.patch_size, d, vb.pp("patch_embed"))?,
             cls_token: vb.get((1, 1, d), "cls_token")?,
             mask_token: vb.get((1, 1, d), "mask_token")?,
@@ -163,12 +172,51 @@ impl CrateMae {
             decoder_pred: Linear::new(d, cfg.patch_dim(), vb.pp("decoder_pred"))?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            precision: Precision::F32,
+            cpu: None,
             cfg: cfg.clone(),
-        })
+        };
+        let inference = !model.cls_token.track_op();
+        if model.device.is_cpu() && model.dtype == DType::F32 && inference {
+            model.cpu = Some(Arc::new(model.cpu_encoder(Precision::F32)?));
+        }
+        Ok(model)
     }
 
-    /// The same model computing in `dtype` (weights converted once; inputs are converted on
-    /// entry and every public output is f32).
+    fn cpu_encoder(&self, precision: Precision) -> Result<CpuEncoder> {
+        CpuEncoder::new(
+            &self.cfg,
+            self.patch_embed.projection(),
+            (&self.cls_token, &self.mask_token, &self.pos_embed),
+            &self.blocks,
+            &self.norm,
+            precision,
+        )
+    }
+
+    /// The same model serving in `precision`: on a GPU, every weight converted once; on a
+    /// CPU, the fast encoder's products in bf16 (AVX512-BF16) while candle's reference path
+    /// (traces, diagnostics, the decoder) stays f32. Inputs are converted on entry and every
+    /// public output is f32.
+    pub fn with_precision(&self, precision: Precision) -> Result<Self> {
+        precision.check_device(&self.device)?;
+        if self.device.is_cpu() && self.cpu.is_some() {
+            if precision == self.precision {
+                return Ok(self.clone());
+            }
+            return Ok(Self {
+                cpu: Some(Arc::new(self.cpu_encoder(precision)?)),
+                precision,
+                ..self.clone()
+            });
+        }
+        let mut model = self.to_dtype(precision.dtype())?;
+        model.precision = precision;
+        Ok(model)
+    }
+
+    /// The same model with candle computing in `dtype` (weights converted once; inputs are
+    /// converted on entry and every public output is f32). No CPU fast path unless f32.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         if dtype == self.dtype {
             return Ok(self.clone());
@@ -195,6 +243,12 @@ impl CrateMae {
             decoder_pred: self.decoder_pred.to_dtype(dtype)?,
             device: self.device.clone(),
             dtype,
+            precision: match dtype {
+                DType::BF16 => Precision::Bf16,
+                DType::F16 => Precision::F16,
+                _ => Precision::F32,
+            },
+            cpu: None,
         })
     }
 
@@ -206,9 +260,19 @@ impl CrateMae {
         &self.device
     }
 
-    /// The dtype the model computes in.
+    /// The dtype candle computes in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The precision the model serves in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The CPU fast path, when the model has one.
+    pub fn cpu_encoder_engine(&self) -> Option<&CpuEncoder> {
+        self.cpu.as_deref()
     }
 
     pub fn encoder_blocks(&self) -> &[EncoderBlock] {
@@ -226,6 +290,13 @@ impl CrateMae {
     /// `cls_token`, `mask_token` and the position table `[1, N, d]`.
     pub fn tokens(&self) -> (&Tensor, &Tensor, &Tensor) {
         (&self.cls_token, &self.mask_token, &self.pos_embed)
+    }
+
+    /// The CPU engine, for inputs it can take (CPU tensors that track no gradient).
+    fn fast_path(&self, images: &Tensor) -> Option<&CpuEncoder> {
+        self.cpu
+            .as_deref()
+            .filter(|_| images.device().is_cpu() && !images.track_op())
     }
 
     fn check_images(&self, images: &Tensor) -> Result<usize> {
@@ -280,6 +351,13 @@ impl CrateMae {
     /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`), in the model's
     /// dtype. With `mask = None` this is the embedding path.
     pub fn encode(&self, images: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
+        if let Some(cpu) = self.fast_path(images) {
+            self.check_images(images)?;
+            if let Some(mask) = mask {
+                self.check_mask(mask, images.dim(0)?)?;
+            }
+            return Ok(cpu.encode(&images.to_dtype(DType::F32)?, mask, &[])?.0);
+        }
         let (_, x) = self.encoder_input(images, mask)?;
         let x = self
             .blocks
@@ -312,6 +390,26 @@ impl CrateMae {
     ) -> Result<Encoded> {
         for &l in keep.outputs.iter().chain(&keep.attention) {
             self.check_layer(l)?;
+        }
+        // Layer outputs come from the fast path too; attention maps and diagnostics need
+        // candle's traced blocks.
+        if let (Some(cpu), false, true) = (
+            self.fast_path(images),
+            keep.diagnostics,
+            keep.attention.is_empty(),
+        ) {
+            self.check_images(images)?;
+            if let Some(mask) = mask {
+                self.check_mask(mask, images.dim(0)?)?;
+            }
+            let layers: Vec<usize> = keep.outputs.iter().copied().collect();
+            let (latent, kept) = cpu.encode(&images.to_dtype(DType::F32)?, mask, &layers)?;
+            return Ok(Encoded {
+                latent: Some(latent),
+                outputs: layers.into_iter().zip(kept).collect(),
+                attention: BTreeMap::new(),
+                diagnostics: None,
+            });
         }
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let (_, mut x) = self.encoder_input(images, mask)?;

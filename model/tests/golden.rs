@@ -306,11 +306,7 @@ fn check_model(golden: &Golden, model: &CrateMae, what: &str) -> Result<()> {
     let imgs = golden.input("imgs")?.to_device(&dev)?;
     let noise: Vec<Vec<f32>> = golden.input("noise")?.to_vec2()?;
     let ratio = golden.input("mask_ratio")?.to_vec1::<f32>()?[0];
-    let precision = match model.dtype() {
-        DType::BF16 => Precision::Bf16,
-        DType::F16 => Precision::F16,
-        _ => Precision::F32,
-    };
+    let precision = model.precision();
     let mut c = Checker::new(golden, precision);
 
     // Masked pass (mae.*), mask from the official noise.
@@ -451,7 +447,7 @@ fn for_each_golden(file: &str, expect: WeightsFormat) -> Result<()> {
                         info.format
                     );
                 }
-                let model = model.to_dtype(precision.dtype())?;
+                let model = model.with_precision(precision)?;
                 let what = format!("{} ({precision}, {device:?})", path.display());
                 check_model(&golden, &model, &what)
             };

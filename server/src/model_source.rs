@@ -82,7 +82,7 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         tracing::warn!(tensors = ?weights.unexpected, "checkpoint tensors not used by the model");
     }
     let model: CrateMae = model
-        .to_dtype(precision.dtype())
+        .with_precision(precision)
         .map_err(|e| format!("converting the weights to {precision}: {e}"))?;
     let recommended_pooling = if built_in {
         BUILT_IN_POOLING

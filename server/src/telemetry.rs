@@ -70,10 +70,16 @@ pub fn init_logging(
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let otel = otlp_endpoint.map(crate::otel::layer).transpose()?;
+    // The log filter is for logs only: traces keep this server's spans whatever the log level.
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target("crate_mae_server", tracing::Level::INFO)
+        .with_target("crate_mae", tracing::Level::INFO);
+    let otel = otlp_endpoint
+        .map(crate::otel::layer)
+        .transpose()?
+        .map(|layer| layer.with_filter(spans));
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
     Ok(())

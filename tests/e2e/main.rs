@@ -9,3 +9,4 @@ mod ops;
 mod python;
 mod security;
 mod support;
+mod tracing;

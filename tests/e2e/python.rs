@@ -27,7 +27,9 @@ fn venv(name: &str, requirements: &str) -> PathBuf {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        run(std::process::Command::new("python3").args(["-m", "venv"]).arg(&dir));
+        run(std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir));
         run(std::process::Command::new(dir.join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check", "-r"])
             .arg(repo().join(requirements)));
