@@ -302,24 +302,16 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// The hostile-input corpus (RELIABILITY.md): each input gets the expected status with a
-/// message, the server answers a good request after every one, and memory stays bounded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn hostile_input_corpus() {
-    let (server, mut client) = Server::ready(
-        &["--max-image-pixels", "20000000", "--max-message-mib", "4"],
-        &[],
-    )
-    .await;
-    let pid = server.child.id().unwrap();
-    let good = png(5);
+/// The hostile images of RELIABILITY.md's corpus: (name, image, expected code; `None`: either
+/// OK or INVALID_ARGUMENT, for damaged JPEGs that may still decode).
+fn hostile_images(good: &[u8]) -> Vec<(&'static str, Image, Option<Code>)> {
     let jpeg = encode(&picture(4, 120, 90), ImageFormat::Jpeg);
     let noise = |seed: u32, n: usize| -> Vec<u8> {
         (0..n as u32)
             .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8)
             .collect()
     };
-    let mut corrupt_png = good.clone();
+    let mut corrupt_png = good.to_vec();
     let mid = corrupt_png.len() / 2;
     corrupt_png[mid..mid + 16]
         .iter_mut()
@@ -352,8 +344,7 @@ async fn hostile_input_corpus() {
     let wide = encode(&picture(1, 4000, 1), ImageFormat::Png);
     let tall = encode(&picture(2, 1, 4000), ImageFormat::Png);
 
-    // (name, image, expected code or OK)
-    let cases: Vec<(&str, Image, Option<Code>)> = vec![
+    vec![
         (
             "random bytes 1",
             encoded(noise(1, 1000)),
@@ -461,7 +452,7 @@ async fn hostile_input_corpus() {
         (
             "both encoded and raw",
             Image {
-                encoded: good.clone(),
+                encoded: good.to_vec(),
                 tensor: Some(RawTensor {
                     shape: vec![3, IMAGE_SIZE, IMAGE_SIZE],
                     data: vec![0.0; n],
@@ -469,7 +460,21 @@ async fn hostile_input_corpus() {
             },
             Some(Code::InvalidArgument),
         ),
-    ];
+    ]
+}
+
+/// The hostile-input corpus (RELIABILITY.md): each input gets the expected status with a
+/// message, the server answers a good request after every one, and memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_corpus() {
+    let (server, mut client) = Server::ready(
+        &["--max-image-pixels", "20000000", "--max-message-mib", "4"],
+        &[],
+    )
+    .await;
+    let pid = server.child.id().unwrap();
+    let good = png(5);
+    let cases = hostile_images(&good);
     let rss_before = rss_mib(pid);
     let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
     for (name, image, expected) in cases {
@@ -552,6 +557,294 @@ async fn hostile_input_corpus() {
         .is_ok());
     let rss_after = rss_mib(pid);
     eprintln!("hostile corpus: {tally:?}; server RSS {rss_before:.0} → {rss_after:.0} MiB");
+    assert!(
+        rss_after - rss_before < 256.0,
+        "RSS grew from {rss_before:.0} to {rss_after:.0} MiB"
+    );
+}
+
+/// The same corpus through the Open Inference Protocol, plus what only that protocol can get
+/// wrong (length prefixes, raw sizes, shapes, parameters): every input gets the expected
+/// status with a message, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_corpus_through_the_open_inference_protocol() {
+    use crate_mae_server::oip_pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use crate_mae_server::oip_pb::infer_parameter::ParameterChoice;
+    use crate_mae_server::oip_pb::model_infer_request::InferInputTensor;
+    use crate_mae_server::oip_pb::{InferParameter, InferTensorContents, ModelInferRequest};
+
+    let (server, _) = Server::ready(
+        &["--max-image-pixels", "20000000", "--max-message-mib", "4"],
+        &[],
+    )
+    .await;
+    let pid = server.child.id().unwrap();
+    let mut client = GrpcInferenceServiceClient::new(server.channel().await);
+    let good = png(5);
+    let s = i64::from(IMAGE_SIZE);
+    let bytes_input = |elements: &[&[u8]]| -> (InferInputTensor, Vec<u8>) {
+        let raw = elements
+            .iter()
+            .flat_map(|e| {
+                (e.len() as u32)
+                    .to_le_bytes()
+                    .into_iter()
+                    .chain(e.iter().copied())
+            })
+            .collect();
+        (
+            InferInputTensor {
+                name: "image".into(),
+                datatype: "BYTES".into(),
+                shape: vec![elements.len() as i64],
+                ..Default::default()
+            },
+            raw,
+        )
+    };
+    let request = |model: &str, (input, raw): (InferInputTensor, Vec<u8>)| ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![input],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    };
+    let with_params = |mut r: ModelInferRequest, params: &[(&str, ParameterChoice)]| {
+        for (k, v) in params {
+            r.parameters.insert(
+                k.to_string(),
+                InferParameter {
+                    parameter_choice: Some(v.clone()),
+                },
+            );
+        }
+        r
+    };
+    let pixels = |shape: Vec<i64>, data: &[f32]| {
+        (
+            InferInputTensor {
+                name: "pixels".into(),
+                datatype: "FP32".into(),
+                shape,
+                ..Default::default()
+            },
+            data.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let mut cases: Vec<(String, ModelInferRequest, Option<Code>)> = hostile_images(&good)
+        .into_iter()
+        .filter_map(|(name, image, want)| {
+            let input = match (image.encoded.is_empty(), image.tensor) {
+                (_, None) => bytes_input(&[&image.encoded]),
+                (true, Some(t)) => pixels(
+                    std::iter::once(1)
+                        .chain(t.shape.iter().map(|&d| i64::from(d)))
+                        .collect(),
+                    &t.data,
+                ),
+                (false, Some(_)) => return None, // not expressible: one input, one datatype
+            };
+            Some((name.to_string(), request("crate-mae", input), want))
+        })
+        .collect();
+    let plane = (3 * s * s) as usize;
+    let mut lying_prefix = bytes_input(&[&good]);
+    lying_prefix.1[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut typed_and_raw = request("crate-mae", bytes_input(&[&good]));
+    typed_and_raw.inputs[0].contents = Some(InferTensorContents {
+        bytes_contents: vec![good.clone()],
+        ..Default::default()
+    });
+    let mut no_inputs = request("crate-mae", bytes_input(&[&good]));
+    no_inputs.inputs.clear();
+    no_inputs.raw_input_contents.clear();
+    let mut extra_raw = request("crate-mae", bytes_input(&[&good]));
+    extra_raw.raw_input_contents.push(vec![1, 2, 3]);
+    let invalid = Some(Code::InvalidArgument);
+    let protocol_cases = vec![
+        (
+            "BYTES length prefix past the end",
+            request("crate-mae", lying_prefix),
+            invalid,
+        ),
+        (
+            "BYTES shape [2], one element",
+            {
+                let mut r = request("crate-mae", bytes_input(&[&good]));
+                r.inputs[0].shape = vec![2];
+                r
+            },
+            invalid,
+        ),
+        (
+            "BYTES shape [1, 1]",
+            {
+                let mut r = request("crate-mae", bytes_input(&[&good]));
+                r.inputs[0].shape = vec![1, 1];
+                r
+            },
+            invalid,
+        ),
+        (
+            "FP32 raw of 7 bytes",
+            {
+                let (input, _) = pixels(vec![1, 3, s, s], &[]);
+                request("crate-mae", (input, vec![0; 7]))
+            },
+            invalid,
+        ),
+        (
+            "FP32 shape with a negative dimension",
+            request("crate-mae", pixels(vec![-1, 3, s, s], &vec![0.0; plane])),
+            invalid,
+        ),
+        (
+            "FP32 batch overflowing usize",
+            request(
+                "crate-mae",
+                pixels(vec![i64::MAX, 3, s, s], &vec![0.0; plane]),
+            ),
+            invalid,
+        ),
+        (
+            "FP32 declared as FP64",
+            {
+                let mut r = request("crate-mae", pixels(vec![1, 3, s, s], &vec![0.0; plane]));
+                r.inputs[0].datatype = "FP64".into();
+                r
+            },
+            invalid,
+        ),
+        ("typed and raw contents", typed_and_raw, invalid),
+        ("no inputs", no_inputs, invalid),
+        ("two raw contents for one input", extra_raw, invalid),
+        (
+            "unknown model",
+            request("crate-mae-large", bytes_input(&[&good])),
+            Some(Code::NotFound),
+        ),
+        (
+            "unknown version",
+            {
+                let mut r = request("crate-mae", bytes_input(&[&good]));
+                r.model_version = "2".into();
+                r
+            },
+            Some(Code::NotFound),
+        ),
+        (
+            "pooling as an integer",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("pooling", ParameterChoice::Int64Param(1))],
+            ),
+            invalid,
+        ),
+        (
+            "pooling `max`",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("pooling", ParameterChoice::StringParam("max".into()))],
+            ),
+            invalid,
+        ),
+        (
+            "layer -1",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("layer", ParameterChoice::Int64Param(-1))],
+            ),
+            invalid,
+        ),
+        (
+            "layer 99",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("layer", ParameterChoice::Int64Param(99))],
+            ),
+            invalid,
+        ),
+        (
+            "misspelt parameter",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("poolng", ParameterChoice::StringParam("mean".into()))],
+            ),
+            invalid,
+        ),
+        (
+            "mask_ratio `abc`",
+            with_params(
+                request("crate-mae-complete", bytes_input(&[&good])),
+                &[("mask_ratio", ParameterChoice::StringParam("abc".into()))],
+            ),
+            invalid,
+        ),
+        (
+            "mask_ratio 1.5",
+            with_params(
+                request("crate-mae-complete", bytes_input(&[&good])),
+                &[("mask_ratio", ParameterChoice::DoubleParam(1.5))],
+            ),
+            invalid,
+        ),
+        (
+            "mask_ratio NaN",
+            with_params(
+                request("crate-mae-complete", bytes_input(&[&good])),
+                &[("mask_ratio", ParameterChoice::DoubleParam(f64::NAN))],
+            ),
+            invalid,
+        ),
+        (
+            "mask_ratio \"0.5\" (what the kserve SDK can send)",
+            with_params(
+                request("crate-mae-complete", bytes_input(&[&good])),
+                &[("mask_ratio", ParameterChoice::StringParam("0.5".into()))],
+            ),
+            Some(Code::Ok),
+        ),
+        (
+            "too many images",
+            request(
+                "crate-mae",
+                bytes_input(&vec![good.as_slice(); MAX_IMAGES + 1]),
+            ),
+            Some(Code::ResourceExhausted),
+        ),
+    ];
+    cases.extend(
+        protocol_cases
+            .into_iter()
+            .map(|(n, r, w)| (n.to_string(), r, w)),
+    );
+    let rss_before = rss_mib(pid);
+    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
+    for (name, req, expected) in cases {
+        let result = client.model_infer(req).await;
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        match expected {
+            Some(want) => assert_eq!(code, want, "{name}: {result:?}"),
+            None => assert!(
+                matches!(code, Code::Ok | Code::InvalidArgument),
+                "{name}: {result:?}"
+            ),
+        }
+        if let Err(status) = &result {
+            assert!(!status.message().is_empty(), "{name}: empty message");
+        }
+        *tally.entry(format!("{code:?}")).or_default() += 1;
+        let ok = client
+            .model_infer(request("crate-mae", bytes_input(&[&good])))
+            .await;
+        assert!(
+            ok.is_ok(),
+            "after {name} the server stopped serving: {ok:?}"
+        );
+    }
+    let rss_after = rss_mib(pid);
+    eprintln!("hostile corpus (OIP): {tally:?}; server RSS {rss_before:.0} → {rss_after:.0} MiB");
     assert!(
         rss_after - rss_before < 256.0,
         "RSS grew from {rss_before:.0} to {rss_after:.0} MiB"

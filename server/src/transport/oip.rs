@@ -277,11 +277,10 @@ fn images(
                 None => contents.fp32_contents,
             };
             let plane = 3 * s * s;
-            if values.len() != batch * plane {
+            if batch.checked_mul(plane) != Some(values.len()) {
                 return Err(ServeError::invalid(format!(
-                    "input `pixels` has shape {:?} ({} values) but {} values were sent",
+                    "input `pixels` has shape {:?} but {} values were sent",
                     input.shape,
-                    batch * plane,
                     values.len()
                 )));
             }
