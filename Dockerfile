@@ -34,11 +34,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin crate-mae-server --bin crate-mae-cli \
  && install -D -m 0755 target/release/crate-mae-server /out/crate-mae-server \
- && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli
+ && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli \
+ && objcopy --strip-debug /out/crate-mae-server \
+ && objcopy --strip-debug /out/crate-mae-cli
 
 # ---- runtime (CPU) ---------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
+RUN groupadd --system --gid 10001 cratemae \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
 COPY --from=build /out/ /usr/local/bin/
 USER 10001:10001
 EXPOSE 50051 9090
@@ -73,11 +76,14 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --features cuda --bin crate-mae-server --bin crate-mae-cli \
  && install -D -m 0755 target/release/crate-mae-server /out/crate-mae-server \
- && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli
+ && install -D -m 0755 target/release/crate-mae-cli /out/crate-mae-cli \
+ && objcopy --strip-debug /out/crate-mae-server \
+ && objcopy --strip-debug /out/crate-mae-cli
 
 # ---- runtime (CUDA) --------------------------------------------------------------------------
 FROM ${CUDA_RUNTIME_IMAGE} AS runtime-cuda
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
+RUN groupadd --system --gid 10001 cratemae \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
 COPY --from=build-cuda /out/ /usr/local/bin/
 USER 10001:10001
 EXPOSE 50051 9090

@@ -54,6 +54,10 @@ struct Args {
     /// and batch given), the device synchronised around each.
     #[arg(long)]
     profile: bool,
+    /// Instead of timing: write the first size's seeded random weights to this safetensors
+    /// file (configuration embedded), for serving and memory measurements.
+    #[arg(long)]
+    save_weights: Option<std::path::PathBuf>,
 }
 
 fn config(name: &str) -> Result<CrateMaeConfig> {
@@ -107,6 +111,16 @@ fn main() -> Result<()> {
     }
     if args.profile {
         return profile(&args, &device);
+    }
+    if let Some(path) = &args.save_weights {
+        let cfg = config(&args.sizes[0])?;
+        checkpoint::save_safetensors(&init::random_weights(&cfg, 0, &device)?, &cfg, path)?;
+        println!(
+            "wrote {} ({} parameters)",
+            path.display(),
+            cfg.parameter_count()
+        );
+        return Ok(());
     }
     let threads = rayon::current_num_threads();
     let min = Duration::from_secs_f64(args.seconds);

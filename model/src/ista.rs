@@ -6,8 +6,8 @@
 //! `ISTA(n) = ReLU(n + η(n·D − n·Dᵀ·D) − ηλ)`
 //!
 //! which is `ReLU(n·M − ηλ)` with `M = I + η(D − DᵀD)`. Inference uses the fused form with `M`
-//! precomputed once at load (one matmul instead of three); training, or any call whose input
-//! tracks gradients, uses the three-matmul form so gradients reach `D`.
+//! precomputed once at load (one matmul instead of three) and does not keep `D` (it is a
+//! sixth of a model's weights); training uses the three-matmul form so gradients reach `D`.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -16,7 +16,8 @@ use crate::ops::{shrink_relu, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Ista {
-    dictionary: Tensor,
+    /// `D`, while it is being trained.
+    dictionary: Option<Tensor>,
     /// `M = I + η(D − DᵀD)`; `None` when `D` is being trained.
     fused: Option<Linear>,
     step_size: f64,
@@ -26,12 +27,11 @@ pub struct Ista {
 impl Ista {
     pub fn new(dim: usize, step_size: f64, lambd: f64, vb: VarBuilder) -> Result<Self> {
         let dictionary = vb.get((dim, dim), "weight")?;
-        let fused = if dictionary.track_op() {
-            None
+        let (dictionary, fused) = if dictionary.track_op() {
+            (Some(dictionary), None)
         } else {
-            Some(Linear::from_weight(
-                Self::fused_matrix(&dictionary, step_size)?.t()?,
-            ))
+            let m = Self::fused_matrix(&dictionary, step_size)?.t()?;
+            (None, Some(Linear::from_weight(m)))
         };
         Ok(Self {
             dictionary,
@@ -51,10 +51,14 @@ impl Ista {
         m.to_dtype(dtype)
     }
 
-    /// The official three-matmul form: `x1 = n·Dᵀ`, `grad_1 = x1·D`, `grad_2 = n·D`.
+    /// The official three-matmul form: `x1 = n·Dᵀ`, `grad_1 = x1·D`, `grad_2 = n·D` (training:
+    /// inference keeps only `M`).
     pub fn forward_three_matmul(&self, n: &Tensor) -> Result<Tensor> {
-        let d = Linear::from_weight(self.dictionary.clone());
-        let d_t = Linear::from_weight(self.dictionary.t()?);
+        let Some(dictionary) = &self.dictionary else {
+            candle_core::bail!("the three-matmul ISTA needs the dictionary, kept only for training")
+        };
+        let d = Linear::from_weight(dictionary.clone());
+        let d_t = Linear::from_weight(dictionary.t()?);
         let grad_1 = d_t.forward(&d.forward(n)?)?;
         let grad_2 = d_t.forward(n)?;
         let update = (((grad_2 - grad_1)? * self.step_size)? - self.threshold)?;
@@ -63,7 +67,11 @@ impl Ista {
 
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Self {
-            dictionary: self.dictionary.to_dtype(dtype)?,
+            dictionary: self
+                .dictionary
+                .as_ref()
+                .map(|d| d.to_dtype(dtype))
+                .transpose()?,
             fused: self.fused.as_ref().map(|m| m.to_dtype(dtype)).transpose()?,
             ..self.clone()
         })

@@ -115,15 +115,14 @@ fn explicit_mask_equals_the_noise_derived_mask() -> Result<()> {
 
 #[test]
 fn fused_ista_equals_the_three_matmul_form() -> Result<()> {
-    let cfg = CrateMaeConfig::tiny();
-    let m = model(
-        &CrateMaeConfig {
-            depth: 1,
-            decoder_depth: 1,
-            ..cfg.clone()
-        },
-        8,
-    )?;
+    let cfg = CrateMaeConfig {
+        depth: 1,
+        decoder_depth: 1,
+        ..CrateMaeConfig::tiny()
+    };
+    let weights = init::random_weights(&cfg, 8, &Device::Cpu)?;
+    let dictionary = weights["blocks.0.layers.0.1.fn.weight"].clone();
+    let m = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu)?;
     let ista = m.encoder_blocks()[0].ista();
     let values: Vec<f32> = Mask::seeded_noise(1, 50 * cfg.dim, 3)[0]
         .iter()
@@ -131,9 +130,19 @@ fn fused_ista_equals_the_three_matmul_form() -> Result<()> {
         .collect();
     let n = Tensor::from_vec(values, (2, 25, cfg.dim), &Device::Cpu)?;
     let fused = ista.forward(&n)?;
-    let three = ista.forward_three_matmul(&n)?;
+    // The official form, from the checkpoint's D: ReLU(n + η(n·D − n·Dᵀ·D) − ηλ).
+    let (eta, lambd) = (cfg.ista_step_size, cfg.lambd);
+    let nd = n.broadcast_matmul(&dictionary)?;
+    let ndtd = n
+        .broadcast_matmul(&dictionary.t()?)?
+        .broadcast_matmul(&dictionary)?;
+    let three = ((&n + ((nd - ndtd)? * eta)?)? - eta * lambd)?.relu()?;
     let d = max_diff(&fused, &three)?;
     assert!(d < 1e-5, "fused vs three-matmul: {d}");
+    assert!(
+        ista.forward_three_matmul(&n).is_err(),
+        "inference keeps only M, not D"
+    );
     // Both really are ISTA: sparse (some exact zeros) and not all zero.
     let zeros = fused
         .eq(0f64)?

@@ -809,7 +809,7 @@ async fn hostile_input_corpus_through_the_open_inference_protocol() {
             "too many images",
             request(
                 "crate-mae",
-                bytes_input(&vec![good.as_slice(); MAX_IMAGES + 1]),
+                bytes_input(&[good.as_slice(); MAX_IMAGES + 1]),
             ),
             Some(Code::ResourceExhausted),
         ),

@@ -12,7 +12,7 @@ fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -53,12 +53,44 @@ macro_rules! multiversion {
     };
 }
 
+/// `Σ f(x)` with eight partial sums, which the compiler keeps in one vector register
+/// (a single running float sum would have to stay in order, and scalar).
+#[inline(always)]
+fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max x` with eight partial maxima (inputs are finite).
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
 multiversion! {
     /// Row-wise LayerNorm of `[rows, d]` (two-pass mean and variance, in f32).
     fn layer_norm(x: &[f32], d: usize, weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
         for (row, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mean = row.iter().sum::<f32>() / d as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let mean = sum_by(row, |v| v) / d as f32;
+            let var = sum_by(row, |v| (v - mean) * (v - mean)) / d as f32;
             let inv = 1.0 / (var + eps).sqrt();
             for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
                 *o = (v - mean) * inv * w + b;
@@ -71,13 +103,11 @@ multiversion! {
     /// In place, row by row: `softmax(scale · x)` over the last dimension of `[rows, n]`.
     fn softmax(x: &mut [f32], n: usize, scale: f32) {
         for row in x.chunks_exact_mut(n) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0;
+            let m = max(row);
             for v in row.iter_mut() {
-                *v = exp((*v - max) * scale);
-                sum += *v;
+                *v = exp((*v - m) * scale);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum_by(row, |v| v);
             for v in row.iter_mut() {
                 *v *= inv;
             }

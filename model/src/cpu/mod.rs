@@ -201,7 +201,7 @@ struct Dims {
 }
 
 /// One thread's working memory, reused for every image it runs.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Scratch {
     patches: Vec<f32>,
     y: Vec<f32>,
@@ -240,9 +240,30 @@ pub struct CpuEncoder {
     blocks: Vec<Block>,
     norm: Norm,
     precision: Precision,
+    /// Working memory of finished passes, reused (fresh buffers would be page-faulted in
+    /// again on every batch).
+    scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 impl CpuEncoder {
+    fn take_scratch(&self, threads: usize) -> Scratch {
+        let mut s = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        s.size(&self.dims, threads);
+        s
+    }
+
+    fn give_scratch(&self, s: Scratch) {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
+    }
+
     /// From the model's parts (f32, on the CPU). bf16 needs AVX512-BF16.
     pub(crate) fn new(
         cfg: &crate::CrateMaeConfig,
@@ -301,6 +322,7 @@ impl CpuEncoder {
             blocks,
             norm: Norm::new(norm)?,
             precision,
+            scratch: Default::default(),
         })
     }
 
@@ -340,20 +362,28 @@ impl CpuEncoder {
         let per_image = n * d;
         if b >= threads || threads == 1 {
             // Whole images per thread: no synchronisation inside a pass.
-            let kept_ptr = SendSlice(kept.as_mut_ptr());
-            latent.par_chunks_mut(per_image).enumerate().for_each_init(
-                Scratch::default,
-                |scratch, (i, out)| {
-                    scratch.size(&self.dims, 1);
-                    let kept = kept_ptr;
+            // One contiguous share of the images per thread (they all cost the same), each
+            // with one scratch for all its images.
+            let (kept_ptr, latent_ptr) =
+                (SendSlice(kept.as_mut_ptr()), SendSlice(latent.as_mut_ptr()));
+            let shares = threads.min(b);
+            (0..shares).into_par_iter().for_each(|t| {
+                let (kept, latent) = (kept_ptr, latent_ptr);
+                let mut scratch = self.take_scratch(1);
+                for i in (t * b / shares)..((t + 1) * b / shares) {
+                    // SAFETY: image i writes only its own rows of the latent and of each
+                    // kept layer.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(latent.0.add(i * per_image), per_image)
+                    };
                     self.image(
                         &pixels[i * plane..(i + 1) * plane],
                         masks[i],
                         out,
-                        scratch,
+                        &mut scratch,
                         1,
                         |l, x| {
-                            // SAFETY: image i writes only its own rows of each kept layer.
+                            // SAFETY: as above.
                             let dst = unsafe {
                                 std::slice::from_raw_parts_mut(
                                     kept.0.add((l * b + i) * per_image),
@@ -364,11 +394,11 @@ impl CpuEncoder {
                         },
                         keep,
                     );
-                },
-            );
+                }
+                self.give_scratch(scratch);
+            });
         } else {
-            let mut scratch = Scratch::default();
-            scratch.size(&self.dims, threads);
+            let mut scratch = self.take_scratch(threads);
             for i in 0..b {
                 self.image(
                     &pixels[i * plane..(i + 1) * plane],
@@ -383,6 +413,7 @@ impl CpuEncoder {
                     keep,
                 );
             }
+            self.give_scratch(scratch);
         }
         let dev = &Device::Cpu;
         let latent = Tensor::from_vec(latent, (b, n, d), dev)?;

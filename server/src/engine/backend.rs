@@ -40,9 +40,9 @@ pub trait Backend: Send + Sync + 'static {
         tasks: &[&CompleteTask],
     ) -> Result<Vec<CompletedPixels>, ServeError>;
 
-    /// Runs one batch of this size through everything a request can use, so lazy
-    /// allocations and kernel selection happen before the first client.
-    fn warm_up(&self, batch: usize) -> Result<(), ServeError>;
+    /// Runs one batch of this size through the encoder (and the decoder, with `decoder`), so
+    /// lazy allocations and kernel selection happen before the first client.
+    fn warm_up(&self, batch: usize, decoder: bool) -> Result<(), ServeError>;
 
     /// Whether the device computes several batches at once better than one batch with all
     /// its threads (a CPU can; a GPU stream cannot).

@@ -191,8 +191,8 @@ impl Backend for CandleBackend {
             .collect())
     }
 
-    fn warm_up(&self, batch: usize) -> Result<(), ServeError> {
-        Ok(self.model.warm_up(batch, true)?)
+    fn warm_up(&self, batch: usize, decoder: bool) -> Result<(), ServeError> {
+        Ok(self.model.warm_up(batch, decoder)?)
     }
 
     fn parallel_batches(&self) -> bool {

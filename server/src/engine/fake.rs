@@ -151,7 +151,7 @@ impl Backend for FakeModel {
             .collect())
     }
 
-    fn warm_up(&self, _batch: usize) -> Result<(), ServeError> {
+    fn warm_up(&self, _batch: usize, _decoder: bool) -> Result<(), ServeError> {
         Ok(())
     }
 

@@ -490,21 +490,24 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
             "one stream of batches on this device".to_string(),
         ),
     };
-    // Every batch size on a GPU (kernel selection is per shape); on a CPU, the smallest and
-    // the largest (no per-shape compilation: the largest sizes every buffer).
+    // Every batch size on a GPU (kernel selection is per shape); on a CPU one image through
+    // encoder and decoder (nothing there depends on the batch size; the threading probe
+    // above already ran the encoder on every worker).
     let sizes: Vec<usize> = if backend.parallel_batches() {
-        let mut s = vec![1, config.max_batch_size];
-        s.dedup();
-        s
+        vec![1]
     } else {
         (1..=config.max_batch_size).collect()
     };
     let pool = worker::compute_pool(threading.threads, 0).map_err(|e| e.to_string())?;
     for &b in &sizes {
-        pool.install(|| backend.warm_up(b))
+        pool.install(|| backend.warm_up(b, true))
             .map_err(|err| format!("warm-up at batch {b} failed: {err}"))?;
     }
     drop(pool);
+    // The allocator keeps what loading and warm-up freed for reuse; give it back, so the
+    // memory at rest is the model's.
+    // SAFETY: mi_collect only releases memory mimalloc holds free.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     tracing::info!(
         batch_sizes = ?sizes,
         threading = %threading,
@@ -602,7 +605,8 @@ fn choose_threading<B: Backend>(backend: &B, cores: usize) -> Result<(Threading,
                     .iter()
                     .map(|pool| {
                         s.spawn(move || {
-                            (0..rounds).try_for_each(|_| pool.install(|| backend.warm_up(BATCH)))
+                            (0..rounds)
+                                .try_for_each(|_| pool.install(|| backend.warm_up(BATCH, false)))
                         })
                     })
                     .collect();

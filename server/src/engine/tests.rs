@@ -84,8 +84,8 @@ impl Backend for SharedFake {
     ) -> Result<Vec<CompletedPixels>, ServeError> {
         self.0.complete(p, t)
     }
-    fn warm_up(&self, b: usize) -> Result<(), ServeError> {
-        self.0.warm_up(b)
+    fn warm_up(&self, b: usize, decoder: bool) -> Result<(), ServeError> {
+        self.0.warm_up(b, decoder)
     }
     fn parallel_batches(&self) -> bool {
         false
