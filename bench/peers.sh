@@ -81,7 +81,7 @@ for config in ${CONFIGS//,/ }; do
   rust_json=$OUT/crate-mae-$config-$stamp.json
   # RAYON_NUM_THREADS as well as --threads: candle's CPU kernels size their pool from it.
   RAYON_NUM_THREADS=$THREADS target/release/examples/bench --sizes "$config" --batches "$BATCHES" \
-    --encoder-only --seconds "$SECONDS_PER" --threads "$THREADS" --json "$rust_json"
+    --dtypes f32,bf16 --encoder-only --seconds "$SECONDS_PER" --threads "$THREADS" --json "$rust_json"
   jsons+=("$rust_json")
   echo "== $config: $ENGINES"
   py_json=$OUT/python-$config-$stamp.json

@@ -19,6 +19,7 @@ from pathlib import Path
 
 PEERS = [("torch-fp32", "torch fp32"), ("torch-bf16", "torch bf16"), ("ort-fp32", "ORT fp32")]
 OURS = "crate-mae"
+OURS_BF16 = "crate-mae-bf16"  # bf16 products (AVX512-BF16), compared with torch's bf16 autocast
 CONFIG_ORDER = ["builtin", "tiny", "small", "base", "large"]
 
 
@@ -80,18 +81,20 @@ def table(records):
            + (f"; peers: {', '.join(versions)}" if versions else ""), ""]
     thread_col = len(threads) > 1
     head = (["threads"] if thread_col else []) + ["config", "batch", f"{OURS} img/s"] + \
-        [name for _, name in PEERS] + [f"ratio vs {name}" for _, name in PEERS]
+        [name for _, name in PEERS] + [f"ratio vs {name}" for _, name in PEERS] + \
+        [f"{OURS} bf16 img/s", "bf16 ratio vs torch bf16"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for k in keys:
         c = cells[k]
         ours = c.get(OURS)
         row = ([str(k[0])] if thread_col else []) + [k[1], str(k[2]), fmt(ours)] + \
-            [fmt(c.get(e)) for e, _ in PEERS] + [ratio(ours, c.get(e)) for e, _ in PEERS]
+            [fmt(c.get(e)) for e, _ in PEERS] + [ratio(ours, c.get(e)) for e, _ in PEERS] + \
+            [fmt(c.get(OURS_BF16)), ratio(c.get(OURS_BF16), c.get("torch-bf16"))]
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     out.append("images/s = batch / median time per batch; ratio = crate-mae ÷ peer (> 1: crate-mae faster).")
-    others = sorted({e for c in cells.values() for e in c} - {OURS} - {e for e, _ in PEERS})
+    others = sorted({e for c in cells.values() for e in c} - {OURS, OURS_BF16} - {e for e, _ in PEERS})
     if others:
         out.append(f"(records of other engines not shown: {', '.join(others)})")
     return "\n".join(out)

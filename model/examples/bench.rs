@@ -176,7 +176,11 @@ fn main() -> Result<()> {
                     completion.map_or("-".into(), |c| format!("{c:.1}"))
                 );
                 records.push(serde_json::json!({
-                    "engine": "crate-mae",
+                    // f32 is the reference engine; other precisions are engines of their own.
+                    "engine": match precision {
+                        Precision::F32 => "crate-mae".to_string(),
+                        p => format!("crate-mae-{p}"),
+                    },
                     "config": size,
                     "dtype": precision.name(),
                     "device": device::describe(&device),

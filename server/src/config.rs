@@ -131,6 +131,15 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_DIAGNOSTICS_EVERY", default_value_t = 10)]
     pub diagnostics_every: u64,
 
+    /// At most one diagnostics sample per this many milliseconds (Prometheus scrapes every
+    /// few seconds; more samples only cost throughput).
+    #[arg(
+        long,
+        env = "CRATE_MAE_DIAGNOSTICS_MIN_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub diagnostics_min_interval_ms: u64,
+
     /// On SIGTERM/SIGINT, how long to let accepted requests finish before exiting anyway.
     #[arg(long, env = "CRATE_MAE_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
     pub drain_timeout_secs: u64,
@@ -236,6 +245,7 @@ impl Config {
             max_decode_mib: self.max_decode_mib,
             complete_cost: self.complete_cost,
             diagnostics_every: self.diagnostics_every,
+            diagnostics_interval: Duration::from_millis(self.diagnostics_min_interval_ms),
             threading: self.threading.0,
         }
     }

@@ -807,10 +807,7 @@ async fn hostile_input_corpus_through_the_open_inference_protocol() {
         ),
         (
             "too many images",
-            request(
-                "crate-mae",
-                bytes_input(&[good.as_slice(); MAX_IMAGES + 1]),
-            ),
+            request("crate-mae", bytes_input(&[good.as_slice(); MAX_IMAGES + 1])),
             Some(Code::ResourceExhausted),
         ),
     ];

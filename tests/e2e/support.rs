@@ -64,6 +64,7 @@ impl Server {
             ("--max-images-per-request", max_images.as_str()),
             ("--max-batch-size", "4"),
             ("--diagnostics-every", "1"),
+            ("--diagnostics-min-interval-ms", "0"),
             ("--log", "warn"),
         ];
         if weights == Weights::Random {

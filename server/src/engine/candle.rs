@@ -93,21 +93,32 @@ impl Backend for CandleBackend {
     ) -> Result<EmbedOutputs, ServeError> {
         let input = self.input(pixels)?;
         let requested = tasks.iter().any(|t| t.diagnostics);
-        let mut keep = Keep {
+        let keep = Keep {
             outputs: tasks.iter().filter_map(|t| t.layer).collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
-            diagnostics: sample || requested,
-            // The gauges are batch means: a few images estimate them well enough.
-            diagnostics_images: (!requested).then_some(SAMPLED_IMAGES),
+            diagnostics: requested,
+            diagnostics_images: None,
         };
-        let encoded = match self.model.encode_keeping(&input, None, &keep) {
-            // Sampled for Prometheus only: nobody asked, so a failure must not fail the batch.
-            Err(e) if sample && !requested => {
-                tracing::warn!(error = %e, "skipping a diagnostics sample");
-                keep.diagnostics = false;
-                self.model.encode_keeping(&input, None, &keep)?
+        let encoded = self.model.encode_keeping(&input, None, &keep)?;
+        // Sampled for the gauges only: a traced pass over a few images (the gauges are
+        // batch means), off the fast path; nobody asked, so a failure must not fail the batch.
+        let sampled = if sample && !requested {
+            let few = input.narrow(0, 0, input.dim(0)?.min(SAMPLED_IMAGES))?;
+            let diagnostics = Keep {
+                diagnostics: true,
+                ..Keep::default()
+            };
+            match self.model.encode_through(&few, &diagnostics) {
+                Ok(e) => e.diagnostics,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a diagnostics sample");
+                    None
+                }
             }
-            other => other?,
+        } else if sample {
+            encoded.diagnostics.clone()
+        } else {
+            None
         };
         let latent = encoded.latent.as_ref().expect("full encoder pass");
         let mut pooled = BTreeMap::new();
@@ -155,7 +166,7 @@ impl Backend for CandleBackend {
         }
         Ok(EmbedOutputs {
             embeddings,
-            sampled: if sample { encoded.diagnostics } else { None },
+            sampled,
         })
     }
 

@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub max_decode_mib: u32,
     pub complete_cost: f64,
     pub diagnostics_every: u64,
+    /// At most one diagnostics sample per this interval.
+    pub diagnostics_interval: Duration,
     /// `None`: measured at warm-up.
     pub threading: Option<Threading>,
 }
@@ -526,7 +528,7 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
         Arc::clone(&backend),
         Arc::clone(&e.queues),
         threading,
-        config.diagnostics_every,
+        worker::Sampler::new(config.diagnostics_every, config.diagnostics_interval),
         on_device_lost,
     )
     .map_err(|err| err.to_string())?;

@@ -17,6 +17,7 @@ fn config() -> EngineConfig {
         max_decode_mib: 64,
         complete_cost: 2.0,
         diagnostics_every: 0,
+        diagnostics_interval: Duration::ZERO,
         threading: Some(Threading {
             workers: 1,
             threads: 1,

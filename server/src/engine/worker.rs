@@ -28,9 +28,42 @@ pub struct Workers {
 
 struct Runner<B> {
     backend: Arc<B>,
-    diagnostics_every: u64,
-    embed_batches: Arc<AtomicU64>,
+    sampler: Arc<Sampler>,
     on_device_lost: OnDeviceLost,
+}
+
+/// When an embedding batch also feeds the diagnostics gauges: every `every`-th batch, and at
+/// most once per `interval` (a scrape reads them every 15–30 s; sampling hundreds of batches
+/// a second would only cost throughput).
+pub struct Sampler {
+    every: u64,
+    interval: std::time::Duration,
+    batches: AtomicU64,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Sampler {
+    pub fn new(every: u64, interval: std::time::Duration) -> Self {
+        Self {
+            every,
+            interval,
+            batches: AtomicU64::new(0),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn due(&self) -> bool {
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        if self.every == 0 || !n.is_multiple_of(self.every) {
+            return false;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= self.interval);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
 }
 
 impl Workers {
@@ -40,18 +73,17 @@ impl Workers {
         backend: Arc<B>,
         queues: Arc<Queues>,
         threading: Threading,
-        diagnostics_every: u64,
+        sampler: Sampler,
         on_device_lost: OnDeviceLost,
     ) -> std::io::Result<Self> {
         let alive = Arc::new(AtomicUsize::new(threading.workers));
-        let embed_batches = Arc::new(AtomicU64::new(0));
+        let sampler = Arc::new(sampler);
         let mut threads = Vec::with_capacity(threading.workers);
         for w in 0..threading.workers {
             let pool = compute_pool(threading.threads, w)?;
             let runner = Runner {
                 backend: Arc::clone(&backend),
-                diagnostics_every,
-                embed_batches: Arc::clone(&embed_batches),
+                sampler: Arc::clone(&sampler),
                 on_device_lost: Arc::clone(&on_device_lost),
             };
             let (queues, alive) = (Arc::clone(&queues), Arc::clone(&alive));
@@ -212,8 +244,7 @@ impl<B: Backend> Runner<B> {
             Task::Embed(e) => Some(e.as_ref()),
             Task::Complete(_) => None,
         })?;
-        let n = self.embed_batches.fetch_add(1, Ordering::Relaxed);
-        let sample = self.diagnostics_every > 0 && n.is_multiple_of(self.diagnostics_every);
+        let sample = self.sampler.due();
         let out = self.backend.embed(pixels, &tasks, sample)?;
         if let Some(layers) = &out.sampled {
             telemetry::diagnostics(layers);
