@@ -4,6 +4,7 @@
 #   bench/gpu-build.sh                 # here, on any machine: the stripped cuda bundle
 #   bench/gpu.sh OUT_DIR               # on the GPU host, from the repository root
 #   GPU_DRY_RUN=1 bench/gpu.sh OUT_DIR # here: the same steps on the CPU device, small sizes
+#   GPU_STEPS=serve bench/gpu.sh OUT_DIR   # only some groups: golden,oom,encoder,profile,torch,serve
 #
 # Steps (each logged, timed and given a status in OUT_DIR/steps.json; one failing step does
 # not stop the others): the GPU's identity (nvidia-smi); golden parity on the device for
@@ -42,6 +43,7 @@ else
 fi
 echo "device $device, bundle in $bin, python $python, LD_LIBRARY_PATH $LD_LIBRARY_PATH"
 
+wanted() { [ -z "${GPU_STEPS:-}" ] || [[ ",$GPU_STEPS," == *",$1,"* ]]; }
 steps="$out/steps.jsonl"
 : > "$steps"
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
@@ -62,23 +64,23 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # 2. Golden parity on the device, each dtype (f32 elementwise 1e-4; bf16/f16 relative L2).
-step golden 240 env CRATE_MAE_GOLDEN="$repo/model/tests/golden/set_a" CRATE_MAE_TEST_DEVICE="$device" \
+wanted golden && step golden 240 env CRATE_MAE_GOLDEN="$repo/model/tests/golden/set_a" CRATE_MAE_TEST_DEVICE="$device" \
   CRATE_MAE_TEST_DTYPES="$dtypes" "$bin/golden" --nocapture --test-threads 1
 
 # 3. Out of memory is recognised as such (the batcher then retries smaller batches).
-[ "$device" = cuda ] && step out-of-memory 60 "$bin/bench" --device "$device" --check-oom
+[ "$device" = cuda ] && wanted oom && step out-of-memory 60 "$bin/bench" --device "$device" --check-oom
 
 # 4. Encoder throughput, this project.
-step encoder 400 "$bin/bench" --device "$device" --sizes "$sizes" --batches "$batches" \
+wanted encoder && step encoder 400 "$bin/bench" --device "$device" --sizes "$sizes" --batches "$batches" \
   --dtypes "$dtypes" --encoder-only --seconds "$seconds" --json "$out/encoder.json"
 
 # 4b. Where one encoder block's time goes (the largest model, in its serving precision).
-[ "$device" = cuda ] && step profile-base-bf16 60 "$bin/bench" --device "$device" --profile --sizes base --dtypes bf16 --batches 128
-[ "$device" = cuda ] && step profile-base-f32 60 "$bin/bench" --device "$device" --profile --sizes base --dtypes f32 --batches 32
-[ "$device" = cpu ] && step profile-builtin 60 "$bin/bench" --device "$device" --profile --sizes builtin --dtypes f32 --batches 8
+[ "$device" = cuda ] && wanted profile && step profile-base-bf16 60 "$bin/bench" --device "$device" --profile --sizes base --dtypes bf16 --batches 128
+[ "$device" = cuda ] && wanted profile && step profile-base-f32 60 "$bin/bench" --device "$device" --profile --sizes base --dtypes f32 --batches 32
+[ "$device" = cpu ] && wanted profile && step profile-builtin 60 "$bin/bench" --device "$device" --profile --sizes builtin --dtypes f32 --batches 8
 
 # 5. The peer on the same device: PyTorch fp32 and bf16 autocast.
-if [ -x "$python" ] || command -v "$python" >/dev/null; then
+if wanted torch && { [ -x "$python" ] || command -v "$python" >/dev/null; }; then
   step torch 400 "$python" bench/pytorch_reference.py --bench --device "$device" --sizes "$sizes" \
     --batches "$batches" --dtypes fp32,bf16 --encoder-only --seconds "$seconds" --json "$out/torch.json"
 fi
@@ -87,6 +89,7 @@ fi
 fashion=()
 for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
 port=50091
+wanted serve || serve=()
 for set in "${serve[@]}"; do
   read -r model dtype <<< "$set"
   name="serve-$model-$dtype"
