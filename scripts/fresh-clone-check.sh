@@ -3,7 +3,7 @@
 # ../shared) and run the README's test command there. Fails if any test needs something
 # outside the clone.
 #
-#   scripts/fresh-clone-check.sh      # reuses this checkout's dependency builds (CARGO_TARGET_DIR)
+#   scripts/fresh-clone-check.sh      # builds in target/fresh-clone (kept for the next run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(mktemp -d)
@@ -15,8 +15,8 @@ test_command=$(grep -m1 -oE '^Run the tests: `[^`]+`' README.md | sed -E 's/^Run
 echo "== fresh clone in $root (nothing beside it): $test_command"
 ls -A "$root"
 cd "$root/crate-mae-serve"
-# Dependencies compile the same anywhere; sharing their build keeps this check short.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$OLDPWD/target}"
+# A target folder of its own: build scripts and tests embed their checkout's path.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$OLDPWD/target/fresh-clone}"
 start=$(date +%s)
 bash -c "$test_command"
 echo "== fresh clone passed in $(( $(date +%s) - start )) s"
