@@ -38,8 +38,12 @@ SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 EXTRA_CA=${CRATE_MAE_CHECK_EXTRA_CA:-/usr/local/share/ca-certificates}
 RUST_MINOR=1.95
 RUST_TOOLCHAIN=1.95.0-x86_64-unknown-linux-gnu
-CLI=$ROOT/target/release/crate-mae-cli
-LOAD=$ROOT/target/release/crate-mae-load
+# The clients that drive the container: release builds when present, else the debug builds
+# that `cargo test --workspace` leaves (CI), else built here.
+CLIENT_DIR=$ROOT/target/release
+[ -x "$CLIENT_DIR/crate-mae-cli" ] && [ -x "$CLIENT_DIR/crate-mae-load" ] || CLIENT_DIR=$ROOT/target/debug
+CLI=$CLIENT_DIR/crate-mae-cli
+LOAD=$CLIENT_DIR/crate-mae-load
 SERVICE=cratemae.v1.CrateMae
 PODMAN=(podman --runtime runc --events-backend file)
 BUILDAH=(buildah)
@@ -51,9 +55,10 @@ die() { printf 'container-check: %s\n' "$*" >&2; exit 1; }
 now() { date +%s; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap and rootful podman need it)"
-for bin in "$CLI" "$LOAD"; do
-  [ -x "$bin" ] || die "$bin is missing: cargo build --release -p crate-mae-server --bin crate-mae-cli --bin crate-mae-load"
-done
+if ! [ -x "$CLI" ] || ! [ -x "$LOAD" ]; then
+  log "building the clients (debug): crate-mae-cli, crate-mae-load"
+  cargo build -p crate-mae-server --bin crate-mae-cli --bin crate-mae-load
+fi
 
 scratch=$(mktemp -d)
 load_pid=
