@@ -38,10 +38,12 @@ SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 EXTRA_CA=${CRATE_MAE_CHECK_EXTRA_CA:-/usr/local/share/ca-certificates}
 RUST_MINOR=1.95
 RUST_TOOLCHAIN=1.95.0-x86_64-unknown-linux-gnu
-# The clients that drive the container: release builds when present, else the debug builds
-# that `cargo test --workspace` leaves (CI), else built here.
+# The clients that drive the container: release builds when they run here, else the debug
+# builds that `cargo test --workspace` leaves (CI), else built here. (A cuda build's clients
+# need the CUDA runtime, so "present" is not enough.)
+runs() { "$1/crate-mae-cli" --version >/dev/null 2>&1 && "$1/crate-mae-load" --version >/dev/null 2>&1; }
 CLIENT_DIR=$ROOT/target/release
-[ -x "$CLIENT_DIR/crate-mae-cli" ] && [ -x "$CLIENT_DIR/crate-mae-load" ] || CLIENT_DIR=$ROOT/target/debug
+runs "$CLIENT_DIR" || CLIENT_DIR=$ROOT/target/debug
 CLI=$CLIENT_DIR/crate-mae-cli
 LOAD=$CLIENT_DIR/crate-mae-load
 SERVICE=cratemae.v1.CrateMae
@@ -55,9 +57,10 @@ die() { printf 'container-check: %s\n' "$*" >&2; exit 1; }
 now() { date +%s; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap and rootful podman need it)"
-if ! [ -x "$CLI" ] || ! [ -x "$LOAD" ]; then
-  log "building the clients (debug): crate-mae-cli, crate-mae-load"
+if ! runs "$CLIENT_DIR"; then
+  log "building the clients (debug, CPU): crate-mae-cli, crate-mae-load"
   cargo build -p crate-mae-server --bin crate-mae-cli --bin crate-mae-load
+  runs "$CLIENT_DIR" || die "the clients in $CLIENT_DIR do not run"
 fi
 
 scratch=$(mktemp -d)

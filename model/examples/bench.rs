@@ -114,7 +114,7 @@ fn main() -> Result<()> {
     }
     if let Some(path) = &args.save_weights {
         let cfg = config(&args.sizes[0])?;
-        checkpoint::save_safetensors(&init::random_weights(&cfg, 0, &device)?, &cfg, path)?;
+        checkpoint::save_safetensors(&init::random_weights(&cfg, 0, &device)?, &cfg, None, path)?;
         println!(
             "wrote {} ({} parameters)",
             path.display(),

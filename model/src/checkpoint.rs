@@ -511,18 +511,22 @@ fn build(
     ))
 }
 
-/// Writes tensors as safetensors with the configuration embedded in the metadata, so the
-/// file alone is enough to serve it.
+/// Writes tensors as safetensors with the configuration (and, when known, the recommended
+/// pooling) embedded in the metadata, so the file alone is enough to serve it.
 pub fn save_safetensors(
     tensors: &HashMap<String, Tensor>,
     cfg: &CrateMaeConfig,
+    recommended_pooling: Option<Pooling>,
     path: &Path,
 ) -> Result<()> {
-    let metadata: HashMap<String, String> = [(
+    let mut metadata: HashMap<String, String> = [(
         CONFIG_METADATA_KEY.to_string(),
         serde_json::to_string(cfg).map_err(|e| ModelError::Config(e.to_string()))?,
     )]
     .into();
+    if let Some(pooling) = recommended_pooling {
+        metadata.insert(POOLING_METADATA_KEY.to_string(), pooling.name().to_string());
+    }
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))

@@ -228,10 +228,16 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // A good file round-trips with its configuration embedded.
     let good =
         std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
-    checkpoint::save_safetensors(&weights, &cfg, &good)?;
+    checkpoint::save_safetensors(&weights, &cfg, None, &good)?;
     let (m, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
     assert_eq!(m.config(), &cfg);
     assert_eq!(info.sha256.len(), 64);
+    assert_eq!(info.recommended_pooling, None);
+
+    // So does a recommended pooling.
+    checkpoint::save_safetensors(&weights, &cfg, Some(Pooling::Cls), &good)?;
+    let (_, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
+    assert_eq!(info.recommended_pooling, Some(Pooling::Cls));
 
     // Missing tensor.
     let mut missing = weights.clone();
@@ -240,7 +246,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         "crate-mae-missing-{}.safetensors",
         std::process::id()
     ));
-    checkpoint::save_safetensors(&missing, &cfg, &path)?;
+    checkpoint::save_safetensors(&missing, &cfg, None, &path)?;
     match checkpoint::load(&path, &opts, &Device::Cpu) {
         Err(ModelError::MissingTensor { name, expected }) => {
             assert_eq!(name, "blocks.1.layers.0.1.fn.weight");
@@ -253,12 +259,12 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     let mut gap = weights.clone();
     gap.remove("blocks.0.layers.0.0.norm.weight");
     gap.remove("blocks.1.layers.0.0.norm.weight");
-    checkpoint::save_safetensors(&gap, &cfg, &path)?;
+    checkpoint::save_safetensors(&gap, &cfg, None, &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::Config(_)), "{err}");
     let mut gap = weights.clone();
     gap.remove("blocks.1.layers.0.0.norm.weight");
-    checkpoint::save_safetensors(&gap, &cfg, &path)?;
+    checkpoint::save_safetensors(&gap, &cfg, None, &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(
         err.to_string().contains("earlier layer is missing"),
@@ -271,7 +277,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         "norm.weight".into(),
         Tensor::ones(63, candle_core::DType::F32, &Device::Cpu)?,
     );
-    checkpoint::save_safetensors(&misshaped, &cfg, &path)?;
+    checkpoint::save_safetensors(&misshaped, &cfg, None, &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(
         matches!(&err, ModelError::ShapeMismatch { name, expected, actual } if name == "norm.weight" && expected == &vec![64] && actual == &vec![63]),

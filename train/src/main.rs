@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
-use crate_mae::{checkpoint, CrateMaeConfig, LoadOptions};
+use crate_mae::{checkpoint, CrateMaeConfig, LoadOptions, Pooling};
 use serde_json::json;
 
 use data::Split;
@@ -113,6 +113,10 @@ struct EvalArgs {
     /// Markdown appended to the model card (how the run went: interruptions, resumes).
     #[arg(long)]
     notes: Option<PathBuf>,
+    /// Also write the weights here as safetensors with the configuration and the recommended
+    /// pooling embedded: the server then uses that pooling when a request leaves it unset.
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -212,6 +216,11 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     let selected = train_readouts[best.1].name.clone();
+    let recommended = recommended_pooling(&validation)?;
+    println!(
+        "recommended pooling (validation 20-NN of the final readouts): {}",
+        recommended.name()
+    );
     let mut probes = serde_json::Map::new();
     for (label, readout) in [
         ("cls", "final.cls"),
@@ -265,7 +274,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let results = json!({
         "weights": info.source, "sha256": info.sha256, "config": cfg, "parameters": cfg.parameter_count(),
         "train_images": train.len(), "test_images": test.len(),
-        "probes": probes, "validation_knn20": validation, "reconstruction": recon, "layers": layers,
+        "probes": probes, "validation_knn20": validation, "recommended_pooling": recommended.name(),
+        "reconstruction": recon, "layers": layers,
         "seconds": started.elapsed().as_secs_f64(),
     });
     let dir = args.weights.parent().unwrap_or(Path::new("."));
@@ -280,7 +290,35 @@ fn eval(args: EvalArgs) -> Result<()> {
         None => String::new(),
     };
     write_card(dir, &results, &notes).context("writing the model card")?;
+    if let Some(out) = &args.export {
+        let mut tensors = checkpoint::read_weights(&args.weights, &device)?.tensors;
+        tensors.retain(|name, _| !info.unexpected.contains(name));
+        checkpoint::save_safetensors(&tensors, &cfg, Some(recommended), out)?;
+        println!(
+            "wrote {} (pooling {} recommended)",
+            out.display(),
+            recommended.name()
+        );
+    }
     Ok(())
+}
+
+/// The pooling a request gets when it names none: whichever of the two final readouts
+/// (what `Embed` serves without `layer`) did better on validation; a tie goes to mean.
+fn recommended_pooling(
+    validation_knn20: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Pooling> {
+    let accuracy = |readout: &str| {
+        validation_knn20
+            .get(readout)
+            .and_then(serde_json::Value::as_f64)
+            .with_context(|| format!("no validation accuracy for {readout}"))
+    };
+    Ok(if accuracy("final.cls")? > accuracy("final.mean")? {
+        Pooling::Cls
+    } else {
+        Pooling::Mean
+    })
 }
 
 /// `model_card.json` and `MODEL_CARD.md` from the recipe, the training log and `eval.json`.
@@ -363,6 +401,9 @@ fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()
         }
     }
     md += "\n`final.*` is what `Embed` serves by default (cls or mean pooling after the final norm); `layerN.*` pools block N's output (`Embed` with `layer = N`). `selected` is the readout with the best 20-NN accuracy on validation images carved from train; the test split chose nothing.\n";
+    if let Some(pooling) = results["recommended_pooling"].as_str() {
+        md += &format!("\nRecommended pooling (the better final readout on validation; `eval --export` embeds it in the weights): **{pooling}**.\n");
+    }
     let r = &results["reconstruction"];
     md += &format!(
         "\nMasked-patch MSE at ratio 0.75 (normalised pixels): model {:.4}, mean-colour fill {:.4}.\n\n## Per-layer white-box picture\n\n| layer | R^c | R | ΔR | sparsity |\n|---|---|---|---|---|\n",
@@ -411,5 +452,40 @@ fn main() -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Samples(args) => samples(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validation(cls: f64, mean: f64) -> serde_json::Map<String, serde_json::Value> {
+        [
+            ("final.cls".to_string(), json!(cls)),
+            ("final.mean".to_string(), json!(mean)),
+            // A better intermediate readout is not what `Embed` serves without `layer`.
+            ("layer2.mean".to_string(), json!(0.99)),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn the_better_final_readout_is_recommended_and_a_tie_is_mean() {
+        assert_eq!(
+            recommended_pooling(&validation(0.81, 0.80)).unwrap(),
+            Pooling::Cls
+        );
+        assert_eq!(
+            recommended_pooling(&validation(0.79, 0.80)).unwrap(),
+            Pooling::Mean
+        );
+        assert_eq!(
+            recommended_pooling(&validation(0.80, 0.80)).unwrap(),
+            Pooling::Mean
+        );
+        let mut missing = validation(0.9, 0.1);
+        missing.remove("final.cls");
+        assert!(recommended_pooling(&missing).is_err());
     }
 }
