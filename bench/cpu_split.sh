@@ -5,11 +5,12 @@
 #   bench/cpu_split.sh [server flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 cargo build --release -q -p crate-mae-server --bins
 target/release/crate-mae-server --grpc-addr 127.0.0.1:50071 --metrics-addr 127.0.0.1:9171 --log warn "$@" &
 spid=$!
 trap 'kill -TERM $spid 2>/dev/null || true' EXIT
-until target/release/crate-mae-cli --addr http://127.0.0.1:50071 --timeout 1 health --service cratemae.v1.CrateMae >/dev/null 2>&1; do sleep 0.1; done
+wait_serving http://127.0.0.1:50071 $spid
 fashion=(); for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
 target/release/crate-mae-load --addr http://127.0.0.1:50071 "${fashion[@]}" -c 64 --duration 10 -n 0 --json /tmp/cpu-split-load.json >/dev/null &
 lpid=$!

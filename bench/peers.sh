@@ -22,6 +22,7 @@
 # takes a core (2 threads next to a busy compiler measured 30x slower than 1 thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 CONFIGS=${CONFIGS:-builtin,tiny,base}
 BATCHES=${BATCHES:-1,8,32}
 THREADS=${THREADS:-2}
@@ -106,12 +107,7 @@ for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
 target/release/crate-mae-server --grpc-addr $ADDR --metrics-addr 127.0.0.1:9171 --log warn &
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 240); do
-  target/release/crate-mae-cli --addr http://$ADDR health --service cratemae.v1.CrateMae >/dev/null 2>&1 && break
-  kill -0 $server_pid 2>/dev/null || { echo "server exited before it was healthy" >&2; exit 1; }
-  sleep 0.5
-done
-target/release/crate-mae-cli --addr http://$ADDR health --service cratemae.v1.CrateMae >/dev/null
+wait_serving http://$ADDR $server_pid
 echo
 echo "== serving: built-in model via gRPC, Embed, 1 image per request, ${DURATION} s per run"
 target/release/crate-mae-load --addr http://$ADDR "${fashion[@]}" -c 64 --duration "$DURATION" -n 0 \

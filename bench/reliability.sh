@@ -3,6 +3,7 @@
 # sustained load. Release server on loopback, Tiny model at 224 px, random weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 cargo build --release -q -p crate-mae-server --bins
 SERVER=target/release/crate-mae-server
 LOAD=target/release/crate-mae-load
@@ -16,10 +17,7 @@ start() {
     --max-batch-size 8 --max-queue-images "${QUEUE:-32}" --max-images-per-request 8 --log info --log-format json "$@" \
     > target/reliability-server.log 2>&1 &
   SERVER_PID=$!
-  until $CLI --addr $ADDR health --service cratemae.v1.CrateMae >/dev/null 2>&1; do
-    kill -0 $SERVER_PID 2>/dev/null || { echo "server exited:"; tail -3 target/reliability-server.log; exit 1; }
-    sleep 0.3
-  done
+  wait_serving $ADDR $SERVER_PID || { tail -3 target/reliability-server.log; exit 1; }
 }
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2/1024}' /proc/$1/status; }
 json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
@@ -32,7 +30,7 @@ echo "capacity: $CAP requests/s, p99 $(json target/rel-capacity.json 'd["latency
 
 RATE=$(python3 -c "print(round(10 * $CAP))")
 echo "== overload: open loop at $RATE requests/s (10x), 20 s"
-( peak=0; while kill -0 $SERVER_PID 2>/dev/null; do r=$(rss_mib $SERVER_PID); [ "$r" -gt "$peak" ] && peak=$r && echo $peak > target/rel-peak-rss; sleep 0.2; done ) &
+( peak=0; while kill -0 $SERVER_PID 2>/dev/null; do r=$(rss_mib $SERVER_PID 2>/dev/null); [ "${r:-0}" -gt "$peak" ] && peak=$r && echo $peak > target/rel-peak-rss; sleep 0.2; done ) &
 WATCH=$!
 $LOAD --addr $ADDR --image $IMG -c 256 --rps "$RATE" -n 0 --duration 20 --json target/rel-overload.json >/dev/null
 json target/rel-overload.json '"sent %d, OK %d (%.1f/s), codes %s; admitted p50/p99 %.0f/%.0f ms; refused p50/p99 %.2f/%.2f ms" % (d["count"], d["ok_count"], d["rps_ok"], d["status_codes"], d["latency_percentiles"]["p50"], d["latency_percentiles"]["p99"], d["failed_latency_percentiles"].get("p50", 0), d["failed_latency_percentiles"].get("p99", 0))'

@@ -8,6 +8,7 @@
 # ONLY=small|base|builtin runs one group.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 DURATION=${DURATION:-30}
 IMG=tests/fixtures/scene.png
 ONLY=${ONLY:-}
@@ -25,7 +26,7 @@ run() { # name, load args..., -- server args...
   server_args=("$@")
   $SERVER --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
   local pid=$!
-  until target/release/crate-mae-cli --addr http://127.0.0.1:50061 health --service cratemae.v1.CrateMae >/dev/null 2>&1; do sleep 0.5; done
+  wait_serving http://127.0.0.1:50061 $pid
   echo "== $name (server: ${server_args[*]})"
   $LOAD --addr http://127.0.0.1:50061 "${load_args[@]}" --json "target/serving-$name.json" | sed -n '/Summary/,/Status/p;/\[/p'
   kill -TERM $pid; wait $pid

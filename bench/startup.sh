@@ -8,15 +8,13 @@
 # Start = process start to health SERVING (polled every 50 ms); RSS from /proc 2 s later.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 cargo build --release -q -p crate-mae-server --bin crate-mae-server --bin crate-mae-cli
 start=$(date +%s%N)
 target/release/crate-mae-server --grpc-addr 127.0.0.1:50111 --metrics-addr 127.0.0.1:9211 --log warn "$@" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true' EXIT
-until target/release/crate-mae-cli --addr http://127.0.0.1:50111 --timeout 1 health --service cratemae.v1.CrateMae >/dev/null 2>&1; do
-  kill -0 $pid 2>/dev/null || { echo "the server exited" >&2; exit 1; }
-  sleep 0.05
-done
+wait_serving http://127.0.0.1:50111 $pid
 ready=$(( ($(date +%s%N) - start) / 1000000 ))
 sleep 2
 field() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' "/proc/$pid/status"; }

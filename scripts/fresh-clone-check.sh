@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What a new user does on a fresh machine: clone the repository alone (nothing beside it, no
-# ../shared) and run the README's test command there. Fails if any test needs something
-# outside the clone.
+# What a new user does on a fresh machine: clone the repository alone (nothing beside it, not
+# even this team's reference folder) and run the README's test command there. Fails if any
+# test needs something outside the clone.
 #
 #   scripts/fresh-clone-check.sh      # builds in target/fresh-clone (kept for the next run)
 set -euo pipefail
