@@ -121,6 +121,9 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_MAX_MESSAGE_MIB", default_value_t = 64)]
     pub max_message_mib: usize,
 
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
+
     /// Relative cost of one completion image against one embedding image, for fair sharing
     /// of the worker between the two queues.
     #[arg(long, env = "CRATE_MAE_COMPLETE_COST", default_value_t = 2.0)]
@@ -181,6 +184,53 @@ pub struct Config {
     /// Log filter (`RUST_LOG` syntax), e.g. `info,crate_mae_server=debug`.
     #[arg(long, env = "CRATE_MAE_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// What one client connection may hold open (RELIABILITY.md, "HTTP/2"). Every limit is a
+/// flag; the defaults keep a pod's memory bounded under a flood of open streams or idle
+/// connections and stay far above what a gRPC client uses.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionLimits {
+    /// Open client connections; one more is accepted and closed at once (the client sees
+    /// UNAVAILABLE and its balancer tries another replica).
+    #[arg(long, env = "CRATE_MAE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Streams (calls) one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// clients queue calls beyond it, and a stream opened past it is refused.
+    #[arg(long, env = "CRATE_MAE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest header block of one call (request metadata), in KiB.
+    #[arg(long, env = "CRATE_MAE_MAX_HEADER_LIST_KIB", default_value_t = 16)]
+    pub max_header_list_kib: u32,
+
+    /// Largest HTTP/2 frame the server accepts, in KiB (16 to 16,384). Messages span frames:
+    /// this bounds one read, not a message (`--max-message-mib` does).
+    #[arg(long, env = "CRATE_MAE_MAX_FRAME_KIB", default_value_t = 16)]
+    pub max_frame_kib: u32,
+
+    /// Data a client may send ahead on one stream before the server reads it, in KiB.
+    #[arg(long, env = "CRATE_MAE_STREAM_WINDOW_KIB", default_value_t = 1024)]
+    pub stream_window_kib: u32,
+
+    /// Data a client may send ahead on one connection, all streams together, in KiB.
+    #[arg(long, env = "CRATE_MAE_CONNECTION_WINDOW_KIB", default_value_t = 4096)]
+    pub connection_window_kib: u32,
+
+    /// Seconds between HTTP/2 PINGs on a quiet connection.
+    #[arg(long, env = "CRATE_MAE_KEEPALIVE_INTERVAL_SECS", default_value_t = 30)]
+    pub keepalive_interval_secs: u64,
+
+    /// Seconds a PING may go unanswered before the connection is closed (a dead peer or a
+    /// reader that stopped reading).
+    #[arg(long, env = "CRATE_MAE_KEEPALIVE_TIMEOUT_SECS", default_value_t = 20)]
+    pub keepalive_timeout_secs: u64,
+
+    /// Close connections older than this many seconds (after a grace of the drain timeout),
+    /// so clients rebalance across replicas; 0: never.
+    #[arg(long, env = "CRATE_MAE_MAX_CONNECTION_AGE_SECS", default_value_t = 0)]
+    pub max_connection_age_secs: u64,
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -272,6 +322,26 @@ impl Config {
             "--max-queue-images ({}) must be at least --max-images-per-request ({})",
             self.max_queue_images,
             self.max_images_per_request
+        );
+        let c = &self.connections;
+        anyhow::ensure!(
+            c.max_connections >= 1 && c.max_concurrent_streams >= 1,
+            "--max-connections and --max-concurrent-streams must be at least 1"
+        );
+        anyhow::ensure!(
+            (16..=16_384).contains(&c.max_frame_kib),
+            "--max-frame-kib must be 16 to 16384 (HTTP/2's range)"
+        );
+        anyhow::ensure!(
+            c.max_header_list_kib >= 1
+                && (64..=2_097_151).contains(&c.stream_window_kib)
+                && c.connection_window_kib >= c.stream_window_kib
+                && c.connection_window_kib <= 2_097_151,
+            "--max-header-list-kib must be at least 1, --stream-window-kib 64 to 2097151, and --connection-window-kib at least the stream window and at most 2097151"
+        );
+        anyhow::ensure!(
+            c.keepalive_interval_secs >= 1 && c.keepalive_timeout_secs >= 1,
+            "--keepalive-interval-secs and --keepalive-timeout-secs must be at least 1"
         );
         anyhow::ensure!(
             self.max_images_per_request >= 1,

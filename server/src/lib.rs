@@ -167,17 +167,26 @@ fn serve(
         v1 = v1.register_encoded_file_descriptor_set(set);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
     }
+    use tonic::codec::CompressionEncoding::{Gzip, Zstd};
     let limit = config.max_message_mib << 20;
     let cratemae = pb::crate_mae_server::CrateMaeServer::new(
         transport::cratemae::CrateMaeService::new(Arc::clone(engine)),
     )
     .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
+    .max_encoding_message_size(limit)
+    .accept_compressed(Gzip)
+    .accept_compressed(Zstd)
+    .send_compressed(Gzip)
+    .send_compressed(Zstd);
     let oip = oip_pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
         transport::oip::InferenceService::new(Arc::clone(engine)),
     )
     .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
+    .max_encoding_message_size(limit)
+    .accept_compressed(Gzip)
+    .accept_compressed(Zstd)
+    .send_compressed(Gzip)
+    .send_compressed(Zstd);
     let token = security::load_token(config.auth_token.as_ref(), config.auth_token_file.as_ref())?;
     let auth = security::BearerAuth::new(token.as_ref());
     // Probes and tools stay open unless asked otherwise; the model services are guarded.
@@ -186,11 +195,26 @@ fn serve(
     } else {
         security::BearerAuth::new(None)
     };
-    let stamp: fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> =
-        transport::stamp_arrival;
+    let c = &config.connections;
+    let secs = Duration::from_secs;
+    let mirror: fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> =
+        transport::mirror_compression;
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(tower::util::MapRequestLayer::new(stamp));
+        .max_concurrent_streams(c.max_concurrent_streams)
+        .http2_max_header_list_size(c.max_header_list_kib << 10)
+        .max_frame_size(c.max_frame_kib << 10)
+        .initial_stream_window_size(c.stream_window_kib << 10)
+        .initial_connection_window_size(c.connection_window_kib << 10)
+        .http2_keepalive_interval(Some(secs(c.keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(secs(c.keepalive_timeout_secs)));
+    if c.max_connection_age_secs > 0 {
+        builder = builder
+            .max_connection_age(secs(c.max_connection_age_secs))
+            .max_connection_age_grace(config.drain_timeout());
+    }
+    let mut builder = builder
+        .layer(transport::DeadlineLayer)
+        .layer(tower::util::MapRequestLayer::new(mirror));
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         builder = builder.tls_config(security::tls_config(
             cert,
@@ -210,7 +234,10 @@ fn serve(
         .add_service(InterceptedService::new(v1alpha.build_v1alpha()?, guard_ops))
         .add_service(InterceptedService::new(cratemae, auth.clone()))
         .add_service(InterceptedService::new(oip, auth))
-        .serve_with_incoming_shutdown(incoming, stop))
+        .serve_with_incoming_shutdown(
+            transport::connections::limit(incoming, c.max_connections),
+            stop,
+        ))
 }
 
 #[cfg(test)]

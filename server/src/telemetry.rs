@@ -29,6 +29,8 @@ pub const METHODS: &[(&str, &[&str])] = &[
             "ServerMetadata",
             "ModelMetadata",
             "ModelInfer",
+            "ModelConfig",
+            "ModelStatistics",
         ],
     ),
 ];
@@ -169,6 +171,14 @@ fn register(build: &[(&'static str, String)]) {
         "cratemae_auth_failures_total",
         "Calls refused for a missing or wrong bearer token."
     );
+    describe_gauge!(
+        "cratemae_connections_open",
+        "Client connections open on the gRPC port."
+    );
+    describe_counter!(
+        "cratemae_connections_refused_total",
+        "Connections closed on arrival because --max-connections were open."
+    );
 
     for (protocol, methods) in METHODS {
         for method in methods.iter() {
@@ -194,6 +204,8 @@ fn register(build: &[(&'static str, String)]) {
     counter!("cratemae_out_of_memory_splits_total").absolute(0);
     counter!("cratemae_diagnostics_samples_total").absolute(0);
     counter!("cratemae_auth_failures_total").absolute(0);
+    gauge!("cratemae_connections_open").set(0.0);
+    counter!("cratemae_connections_refused_total").absolute(0);
     let labels: Vec<(&'static str, String)> = build.to_vec();
     gauge!("cratemae_build_info", &labels).set(1.0);
 }
@@ -251,6 +263,14 @@ pub fn inflight(delta: f64) {
 
 pub fn dropped(reason: &'static str) {
     counter!("cratemae_dropped_requests_total", "reason" => reason).increment(1);
+}
+
+pub fn connections_open(delta: f64) {
+    gauge!("cratemae_connections_open").increment(delta);
+}
+
+pub fn connection_refused() {
+    counter!("cratemae_connections_refused_total").increment(1);
 }
 
 pub fn worker_fault() {

@@ -55,9 +55,12 @@ struct Args {
     /// Image file (PNG/JPEG); repeat for several, used round-robin.
     #[arg(long = "image", required = true)]
     images: Vec<PathBuf>,
-    /// Images per Embed request (ignored for complete).
+    /// Images per Embed request or stream message (ignored for complete).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     images_per_request: u32,
+    /// Messages per EmbedStream call (`--call embed-stream`): one "request" is one stream.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    stream_messages: u32,
     /// Number of concurrent workers (requests in flight).
     #[arg(short = 'c', long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     concurrency: u32,
@@ -84,6 +87,8 @@ struct Args {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum CallKind {
     Embed,
+    /// Bulk work: each request is one EmbedStream call of `--stream-messages` messages.
+    EmbedStream,
     Complete,
 }
 
@@ -91,6 +96,7 @@ impl CallKind {
     fn name(self) -> &'static str {
         match self {
             CallKind::Embed => "embed",
+            CallKind::EmbedStream => "embed-stream",
             CallKind::Complete => "complete",
         }
     }
@@ -106,6 +112,7 @@ struct Shared {
     call: CallKind,
     images: Vec<pb::Image>,
     images_per_request: usize,
+    stream_messages: u64,
     clients: Vec<CrateMaeClient<Channel>>,
     /// Index of the next request to issue.
     next: AtomicU64,
@@ -162,6 +169,25 @@ impl Shared {
                         ..Default::default()
                     };
                     client.embed(self.request(request)).await.map(|_| n)
+                }
+                CallKind::EmbedStream => {
+                    let n = self.images_per_request as u64;
+                    let first = i * self.stream_messages * n;
+                    let messages: Vec<pb::EmbedRequest> = (0..self.stream_messages)
+                        .map(|m| pb::EmbedRequest {
+                            images: (0..n).map(|j| self.image(first + m * n + j)).collect(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    let mut answers = client
+                        .embed_stream(self.request(futures::stream::iter(messages)))
+                        .await?
+                        .into_inner();
+                    let mut images = 0;
+                    while let Some(answer) = answers.message().await? {
+                        images += answer.embeddings.len() as u64;
+                    }
+                    Ok(images)
                 }
                 CallKind::Complete => {
                     let request = pb::CompleteRequest {
@@ -394,7 +420,7 @@ impl Report {
             "addr": self.addr,
             "concurrency": self.concurrency,
             "connections": self.connections,
-            "images_per_request": if self.call == CallKind::Embed { self.images_per_request } else { 1 },
+            "images_per_request": if self.call == CallKind::Complete { 1 } else { self.images_per_request },
             "count": self.count(),
             "ok_count": self.ok_count(),
             "total_seconds": self.total.as_secs_f64(),
@@ -462,6 +488,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         call: args.call,
         images,
         images_per_request: args.images_per_request as usize,
+        stream_messages: u64::from(args.stream_messages),
         clients,
         next: AtomicU64::new(0),
         total: if args.total == 0 {

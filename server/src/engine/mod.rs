@@ -10,6 +10,7 @@ pub mod admission;
 pub mod backend;
 pub mod candle;
 pub mod queue;
+pub mod stats;
 pub mod types;
 pub mod worker;
 
@@ -18,6 +19,7 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -32,7 +34,8 @@ pub use types::*;
 use crate::error::ServeError;
 use crate::imaging::{self, Pixels, Preprocessing};
 use admission::Admission;
-use queue::{Item, ItemResult, Output, Queues};
+use queue::{Item, ItemResult, Kind, Output, Queues};
+use stats::{KindStatistics, RequestTimes, Statistics};
 use worker::Workers;
 
 /// The engine's settings (from the server's configuration).
@@ -89,6 +92,7 @@ pub struct Engine {
     ready: OnceLock<Ready>,
     state: watch::Sender<State>,
     ledger: Ledger,
+    stats: Arc<Statistics>,
     workers: Mutex<Option<Workers>>,
 }
 
@@ -111,6 +115,7 @@ impl Engine {
             ready: OnceLock::new(),
             state: watch::Sender::new(State::Loading),
             ledger: Ledger::default(),
+            stats: Arc::new(Statistics::default()),
             workers: Mutex::new(None),
             config,
         });
@@ -149,6 +154,30 @@ impl Engine {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Counters since start for one kind of work (the Open Inference Protocol's statistics).
+    pub fn statistics(&self, kind: Kind) -> KindStatistics {
+        self.stats.read(kind)
+    }
+
+    /// Counts one answered request in the statistics.
+    fn account<T>(&self, kind: Kind, started: Instant, result: &Result<T, ServeError>, timing: Option<&Timing>) {
+        let total = started.elapsed();
+        let times = timing.map_or(
+            RequestTimes {
+                total,
+                ..Default::default()
+            },
+            |t| RequestTimes {
+                total,
+                input: t.preprocess,
+                queue: t.queue,
+                infer: t.inference,
+                output: total.saturating_sub(t.preprocess + t.queue + t.inference),
+            },
+        );
+        self.stats.request(kind, result.is_ok(), times);
     }
 
     /// Images admitted and not yet finished.
@@ -223,6 +252,25 @@ impl Engine {
 
     /// One embedding per image, in request order.
     pub async fn embed(&self, req: EmbedRequest, call: Call) -> Result<EmbedResult, ServeError> {
+        let started = Instant::now();
+        let result = self.embed_images(req, call).await;
+        self.account(Kind::Embed, started, &result, result.as_ref().ok().map(|r| &r.timing));
+        result
+    }
+
+    /// Masked completion of each image with its own mask.
+    pub async fn complete(
+        &self,
+        req: CompleteRequest,
+        call: Call,
+    ) -> Result<CompleteResult, ServeError> {
+        let started = Instant::now();
+        let result = self.complete_images(req, call).await;
+        self.account(Kind::Complete, started, &result, result.as_ref().ok().map(|r| &r.timing));
+        result
+    }
+
+    async fn embed_images(&self, req: EmbedRequest, call: Call) -> Result<EmbedResult, ServeError> {
         let ready = self.ready()?;
         let cfg = ready.info.config();
         let n = req.images.len();
@@ -260,8 +308,7 @@ impl Engine {
         Ok(EmbedResult { embeddings, timing })
     }
 
-    /// Masked completion of each image with its own mask.
-    pub async fn complete(
+    async fn complete_images(
         &self,
         req: CompleteRequest,
         call: Call,
@@ -339,8 +386,9 @@ impl Engine {
     ) -> Result<(Vec<((Pixels, Task), Output)>, Timing), ServeError> {
         let n = work.len();
         // Admission before decoding: under overload, refuse before spending CPU on it.
-        let permits = self.admission.admit(n, call.admit, call.deadline).await?;
+        let permits = self.admission.admit(n, call.priority, call.deadline).await?;
         let (images, tasks): (Vec<ImageInput>, Vec<Task>) = work.into_iter().unzip();
+        let preprocessing = Instant::now();
         let pixels = futures::future::join_all(
             images
                 .into_iter()
@@ -354,6 +402,7 @@ impl Engine {
         .collect::<Result<Vec<_>, _>>()?;
 
         let now = Instant::now();
+        let preprocess = now - preprocessing;
         let request_span = tracing::Span::current();
         let mut receivers: Vec<oneshot::Receiver<ItemResult>> = Vec::with_capacity(n);
         let mut items = Vec::with_capacity(n);
@@ -363,6 +412,7 @@ impl Engine {
             items.push(Item {
                 pixels: pixels.clone(),
                 task: task.clone(),
+                priority: call.priority,
                 deadline: call.deadline,
                 admitted_at: now,
                 reply,
@@ -398,6 +448,7 @@ impl Engine {
         if let Some(e) = failure {
             return Err(e);
         }
+        timing.preprocess = preprocess;
         Ok((pixels.into_iter().zip(tasks).zip(outputs).collect(), timing))
     }
 
@@ -437,6 +488,31 @@ impl Engine {
         .await
         .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
     }
+}
+
+/// Runs `work` until `deadline`, then answers DEADLINE_EXCEEDED. The clock is read before the
+/// timer is polled, so a caller whose own timer fired at the same deadline sees this answer.
+pub async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, ServeError>>,
+) -> Result<T, ServeError> {
+    let Some(deadline) = deadline else {
+        return work.await;
+    };
+    let mut work = std::pin::pin!(work);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(done) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(done);
+        }
+        if Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(ServeError::DeadlineExceeded(
+                "deadline expired before the answer was ready".into(),
+            )));
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn prefix(index: usize, count: usize, e: ServeError) -> ServeError {
@@ -529,6 +605,7 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
         Arc::clone(&e.queues),
         threading,
         worker::Sampler::new(config.diagnostics_every, config.diagnostics_interval),
+        Arc::clone(&e.stats),
         on_device_lost,
     )
     .map_err(|err| err.to_string())?;
@@ -548,6 +625,8 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
         threading_reason: reason,
         max_batch_size: config.max_batch_size,
         max_images_per_request: config.max_images_per_request,
+        max_batch_delay: config.max_batch_delay,
+        max_queue_images: config.max_queue_images,
         facts,
     };
     let _ = e.ready.set(Ready { info, prep });

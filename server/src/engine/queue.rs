@@ -5,6 +5,12 @@
 //! - **Work-conserving and formed at the last moment**: a worker that is free takes a batch
 //!   of whatever is waiting, up to `max_batch_size` images, so requests arriving while every
 //!   worker is busy still join the next batch; `max_batch_delay` optionally waits for more.
+//! - **Online before bulk**: within a kind, online images (unary calls) form the next batch
+//!   ahead of bulk ones (streams). While both wait, bulk gets a batch after at most
+//!   [`ONLINE_STREAK`] online batches in a row, so a saturating stream never delays an
+//!   interactive call by more than the batches already running, and online load never
+//!   starves a stream. A batch holds one priority: an online image never waits for bulk
+//!   images computed beside it.
 //! - Items whose deadline passed or whose client went away are dropped before compute.
 
 use std::collections::VecDeque;
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::engine::admission::Permit;
-use crate::engine::types::{CompletedPixels, Embedding, Task, Timing};
+use crate::engine::types::{CompletedPixels, Embedding, Priority, Task, Timing, ONLINE_STREAK};
 use crate::error::ServeError;
 use crate::imaging::Pixels;
 use crate::telemetry;
@@ -61,6 +67,7 @@ pub type ItemResult = Result<(Output, Timing), ServeError>;
 pub struct Item {
     pub pixels: Pixels,
     pub task: Task,
+    pub priority: Priority,
     pub deadline: Option<Instant>,
     pub admitted_at: Instant,
     pub reply: oneshot::Sender<ItemResult>,
@@ -122,9 +129,46 @@ impl Batch {
     }
 }
 
+/// One kind's waiting images, online and bulk.
+#[derive(Default)]
+struct Lanes {
+    online: VecDeque<Item>,
+    bulk: VecDeque<Item>,
+    /// Online batches formed in a row while bulk waited.
+    streak: u32,
+}
+
+impl Lanes {
+    fn is_empty(&self) -> bool {
+        self.online.is_empty() && self.bulk.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.online.len() + self.bulk.len()
+    }
+
+    /// The lane the next batch comes from (see the module's rule), and counts it.
+    fn next_lane(&mut self) -> &mut VecDeque<Item> {
+        let bulk_turn = self.online.is_empty() || self.streak >= ONLINE_STREAK;
+        if bulk_turn && !self.bulk.is_empty() {
+            self.streak = 0;
+            &mut self.bulk
+        } else {
+            if !self.bulk.is_empty() {
+                self.streak += 1;
+            }
+            &mut self.online
+        }
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Item> + '_ {
+        self.online.drain(..).chain(self.bulk.drain(..))
+    }
+}
+
 #[derive(Default)]
 struct State {
-    queues: [VecDeque<Item>; 2],
+    queues: [Lanes; 2],
     /// Cost-weighted images served per kind (for fair sharing).
     served: [f64; 2],
     closed: bool,
@@ -168,7 +212,11 @@ impl Queues {
                 let other = state.served[1 - k];
                 state.served[k] = state.served[k].max(other);
             }
-            state.queues[k].push_back(item);
+            let lanes = &mut state.queues[k];
+            match item.priority {
+                Priority::Online => lanes.online.push_back(item),
+                Priority::Bulk => lanes.bulk.push_back(item),
+            }
         }
         report_depth(&state);
         drop(state);
@@ -185,8 +233,8 @@ impl Queues {
     /// Fails everything still queued (the device is gone: nothing will compute it).
     pub fn fail_all(&self, error: &ServeError) {
         let mut state = self.lock();
-        for queue in &mut state.queues {
-            for item in queue.drain(..) {
+        for lanes in &mut state.queues {
+            for item in lanes.drain() {
                 let _ = item.reply.send(Err(error.clone()));
             }
         }
@@ -223,8 +271,9 @@ impl Queues {
             }
             let now = Instant::now();
             let mut items = Vec::with_capacity(self.max_batch_size);
+            let lane = state.queues[k].next_lane();
             while items.len() < self.max_batch_size {
-                let Some(item) = state.queues[k].pop_front() else {
+                let Some(item) = lane.pop_front() else {
                     break;
                 };
                 match item.drop_reason(now) {
@@ -266,11 +315,19 @@ fn report_depth(state: &State) {
 mod tests {
     use super::*;
     use crate::engine::admission::Admission;
-    use crate::engine::types::{Admit, CompleteTask, EmbedTask};
+    use crate::engine::types::{Priority, CompleteTask, EmbedTask};
     use crate_mae::{Mask, Pooling};
     use std::sync::Arc;
 
     async fn item(kind: Kind, admission: &Admission) -> (Item, oneshot::Receiver<ItemResult>) {
+        prioritised(kind, Priority::Online, admission).await
+    }
+
+    async fn prioritised(
+        kind: Kind,
+        priority: Priority,
+        admission: &Admission,
+    ) -> (Item, oneshot::Receiver<ItemResult>) {
         let (tx, rx) = oneshot::channel();
         let task = match kind {
             Kind::Embed => Task::Embed(Arc::new(EmbedTask {
@@ -287,7 +344,7 @@ mod tests {
             }),
         };
         let permit = admission
-            .admit(1, Admit::Try, None)
+            .admit(1, priority, None)
             .await
             .unwrap()
             .pop()
@@ -296,6 +353,7 @@ mod tests {
             Item {
                 pixels: vec![],
                 task,
+                priority,
                 deadline: None,
                 admitted_at: Instant::now(),
                 reply: tx,
@@ -336,6 +394,42 @@ mod tests {
                 (Kind::Embed, 1),
                 (Kind::Complete, 1)
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn online_images_go_first_and_bulk_gets_every_fourth_batch() {
+        let a = Admission::new(100);
+        let q = Queues::new(2, Duration::ZERO, 2.0);
+        let mut keep = vec![];
+        let mut items = vec![];
+        for priority in [Priority::Bulk; 4].into_iter().chain([Priority::Online; 10]) {
+            let (i, rx) = prioritised(Kind::Embed, priority, &a).await;
+            items.push(i);
+            keep.push(rx);
+        }
+        q.push(items).unwrap();
+        let order: Vec<(Priority, usize)> = (0..7)
+            .map(|_| {
+                let b = q.next_batch().unwrap();
+                let p = b.items[0].priority;
+                assert!(b.items.iter().all(|i| i.priority == p), "one priority a batch");
+                (p, b.items.len())
+            })
+            .collect();
+        use Priority::{Bulk, Online};
+        assert_eq!(
+            order,
+            vec![
+                (Online, 2),
+                (Online, 2),
+                (Online, 2),
+                (Bulk, 2),
+                (Online, 2),
+                (Online, 2),
+                (Bulk, 2)
+            ],
+            "bulk queued first still waits for online, but never more than three batches"
         );
     }
 

@@ -44,7 +44,7 @@ fn embed(images: Vec<ImageInput>) -> EmbedRequest {
 
 const UNARY: Call = Call {
     deadline: None,
-    admit: Admit::Try,
+    priority: Priority::Online,
 };
 
 /// Starts an engine on the fake model and waits until it serves.

@@ -82,6 +82,10 @@ pub struct ModelInfo {
     pub threading_reason: String,
     pub max_batch_size: usize,
     pub max_images_per_request: usize,
+    /// How long a batch may wait for more work.
+    pub max_batch_delay: Duration,
+    /// Images admitted at once (queued or running).
+    pub max_queue_images: usize,
 }
 
 impl ModelInfo {
@@ -193,14 +197,18 @@ pub struct Timing {
     /// The batch's model time.
     pub inference: Duration,
     pub batch_size: usize,
+    /// Decoding and preprocessing the request's images.
+    pub preprocess: Duration,
 }
 
 impl Timing {
+    /// The slowest image's timing (a request is answered when its last image is).
     pub fn max(self, other: Timing) -> Timing {
         Timing {
             queue: self.queue.max(other.queue),
             inference: self.inference.max(other.inference),
             batch_size: self.batch_size.max(other.batch_size),
+            preprocess: self.preprocess.max(other.preprocess),
         }
     }
 }
@@ -242,17 +250,27 @@ pub enum Task {
     Complete(CompleteTask),
 }
 
-/// How a call waits for room: unary calls are refused at once when the server is full
-/// (RESOURCE_EXHAUSTED, retry elsewhere); a bulk stream waits, paced by flow control.
+/// How a call is treated: online calls (unary, either protocol) are refused at once when the
+/// server is full (RESOURCE_EXHAUSTED, retry elsewhere) and go first in the batcher; bulk work
+/// (`EmbedStream`) waits for room, paced by flow control, may hold at most
+/// [`BULK_ADMISSION_SHARE`] of the admission slots, and takes the batches online work leaves
+/// (at least one in [`ONLINE_STREAK`] + 1 while both wait, so it never starves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
-    Try,
-    Wait,
+pub enum Priority {
+    Online,
+    Bulk,
 }
+
+/// Share of `max_queue_images` bulk work may hold, so a stream never fills admission and
+/// unary calls still find room.
+pub const BULK_ADMISSION_SHARE: f64 = 0.75;
+
+/// Online batches in a row a waiting bulk batch may be passed over for.
+pub const ONLINE_STREAK: u32 = 3;
 
 /// Per-call settings from the transport.
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
     pub deadline: Option<Instant>,
-    pub admit: Admit,
+    pub priority: Priority,
 }

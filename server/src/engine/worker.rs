@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::engine::backend::{Backend, Pixels};
 use crate::engine::queue::{Batch, Item, Kind, Output, Queues};
+use crate::engine::stats::Statistics;
 use crate::engine::types::{ImageDiagnostics, Task, Threading, Timing};
 use crate::error::ServeError;
 use crate::telemetry;
@@ -28,6 +29,7 @@ pub struct Workers {
 
 struct Runner<B> {
     backend: Arc<B>,
+    stats: Arc<Statistics>,
     sampler: Arc<Sampler>,
     on_device_lost: OnDeviceLost,
 }
@@ -74,6 +76,7 @@ impl Workers {
         queues: Arc<Queues>,
         threading: Threading,
         sampler: Sampler,
+        stats: Arc<Statistics>,
         on_device_lost: OnDeviceLost,
     ) -> std::io::Result<Self> {
         let alive = Arc::new(AtomicUsize::new(threading.workers));
@@ -83,6 +86,7 @@ impl Workers {
             let pool = compute_pool(threading.threads, w)?;
             let runner = Runner {
                 backend: Arc::clone(&backend),
+                stats: Arc::clone(&stats),
                 sampler: Arc::clone(&sampler),
                 on_device_lost: Arc::clone(&on_device_lost),
             };
@@ -149,6 +153,7 @@ impl<B: Backend> Runner<B> {
         let outcomes = model_span.in_scope(|| self.compute(kind, &batch.items));
         let inference = started.elapsed();
         telemetry::batch(kind, size, inference);
+        self.stats.batch(kind, size, inference);
         drop(model_span);
         let mut lost = None;
         for ((item, outcome), _span) in batch.items.into_iter().zip(outcomes).zip(batch_spans) {
@@ -158,6 +163,7 @@ impl<B: Backend> Runner<B> {
                 queue,
                 inference,
                 batch_size: size,
+                ..Timing::default()
             };
             if let Err(e @ ServeError::DeviceLost(_)) = &outcome {
                 lost = Some(e.clone());

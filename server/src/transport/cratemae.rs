@@ -7,7 +7,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::engine::{self, Admit, Call, Engine, ImageInput, MaskSpec};
+use crate::engine::{self, Priority, Call, Engine, ImageInput, MaskSpec};
 use crate::error::ServeError;
 use crate::pb;
 use crate::transport::{deadline, identify, observe, request_id, request_span, status, CallGuard};
@@ -258,7 +258,7 @@ impl pb::crate_mae_server::CrateMae for CrateMaeService {
         let id = request_id(&request);
         let call = Call {
             deadline: deadline(&request),
-            admit: Admit::Wait,
+            priority: Priority::Bulk,
         };
         let span = request_span(PROTOCOL, "EmbedStream", &id, request.metadata());
         let engine = Arc::clone(&self.engine);

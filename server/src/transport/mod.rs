@@ -5,16 +5,20 @@
 //! the request metrics, the model's identity on every response, and the mapping from engine
 //! errors to gRPC status codes.
 
+pub mod connections;
 pub mod cratemae;
 pub mod oip;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{Admit, Call, Engine};
+use crate::engine::{self, Call, Engine, Priority};
 use crate::error::ServeError;
 use crate::telemetry;
 
@@ -96,21 +100,98 @@ pub fn request_id<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// When the request reached the server, stamped by [`stamp_arrival`] in the same call chain
-/// as tonic's own deadline timer, so both measure the client's deadline from one instant.
+/// When the request reached the server, stamped by [`DeadlineLayer`] before tonic starts its
+/// own deadline timer, so every deadline here ends no later than tonic's.
 #[derive(Debug, Clone, Copy)]
 pub struct ArrivedAt(pub Instant);
 
-/// Tower request mapper for `Server::builder().layer(MapRequestLayer::new(stamp_arrival))`.
-pub fn stamp_arrival<B>(mut request: http::Request<B>) -> http::Request<B> {
-    request.extensions_mut().insert(ArrivedAt(Instant::now()));
+/// Set once a call's handler has taken charge of it (its [`CallGuard`] counts the outcome), so
+/// [`DeadlineLayer`] counts a deadline only for calls that never got that far.
+#[derive(Debug, Clone, Default)]
+pub struct Handled(Arc<AtomicBool>);
+
+/// Every gRPC call's deadline, answered as DEADLINE_EXCEEDED. tonic enforces `grpc-timeout`
+/// itself, outside every layer, and answers an expired call CANCELLED ("Timeout expired"),
+/// whatever stage the call is in. This layer sits inside that timer: it stamps the arrival
+/// (before tonic's timer starts) and, when the deadline passes before the handler answers,
+/// answers DEADLINE_EXCEEDED itself. tonic polls it before its own timer, and it checks the
+/// clock before waiting on its own timer, so it answers first even when both fire at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadlines<S>;
+
+    fn layer(&self, inner: S) -> Deadlines<S> {
+        Deadlines { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Deadlines<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Deadlines<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let arrived = Instant::now();
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_timeout)
+            .and_then(|d| arrived.checked_add(d));
+        let handled = Handled::default();
+        request.extensions_mut().insert(ArrivedAt(arrived));
+        request.extensions_mut().insert(handled.clone());
+        let inner = self.inner.call(request);
+        Box::pin(async move {
+            let Some(deadline) = deadline else {
+                return inner.await;
+            };
+            match engine::within(Some(deadline), async { Ok(inner.await) }).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    if !handled.0.load(Ordering::Acquire) {
+                        telemetry::dropped("deadline");
+                    }
+                    Ok(status(e).into_http())
+                }
+            }
+        })
+    }
+}
+
+/// Compressed answers for compressed asks: a request sent with `grpc-encoding` gzip or zstd
+/// gets its response compressed the same way; any other keeps identity, even when the client
+/// advertises more (Python's grpcio advertises gzip on every call, and compressing each
+/// response would cost the model's cores for nothing on a fast network).
+pub fn mirror_compression<B>(mut request: http::Request<B>) -> http::Request<B> {
+    let compressed = request
+        .headers()
+        .get("grpc-encoding")
+        .is_some_and(|e| e != "identity");
+    if !compressed {
+        request.headers_mut().remove("grpc-accept-encoding");
+    }
     request
 }
 
-/// The client's deadline from `grpc-timeout` (`<digits><unit>`, unit one of H M S m u n),
-/// counted from arrival.
-pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
-    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+/// A `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
+fn parse_timeout(raw: &str) -> Option<Duration> {
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
     let d = match unit {
@@ -122,6 +203,12 @@ pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
+    Some(d)
+}
+
+/// The client's deadline from `grpc-timeout`, counted from arrival.
+pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let d = parse_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)?;
     let arrived = request
         .extensions()
         .get::<ArrivedAt>()
@@ -180,11 +267,16 @@ where
     let id = request_id(&request);
     let call = Call {
         deadline: deadline(&request),
-        admit: Admit::Try,
+        priority: Priority::Online,
     };
+    if let Some(handled) = request.extensions().get::<Handled>() {
+        handled.0.store(true, Ordering::Release);
+    }
     let span = request_span(protocol, method, &id, request.metadata());
     let mut guard = CallGuard::new(protocol, method, call.deadline);
-    let result = handler(request.into_inner(), call)
+    // The deadline as an answer, not only as a check before compute: a call still waiting
+    // when it passes is answered DEADLINE_EXCEEDED here, with its request id.
+    let result = engine::within(call.deadline, handler(request.into_inner(), call))
         .instrument(span.clone())
         .await;
     let _enter = span.enter();

@@ -4,18 +4,28 @@
 //!
 //! Two models: `<name>` (embeddings) and `<name>-complete` (masked completion). Inputs are
 //! either `image`, BYTES `[B]` of PNG/JPEG files, or `pixels`, FP32 `[B, 3, S, S]` normalised
-//! pixels, as `raw_input_contents` or typed `contents` (not both). Outputs are always sent as
+//! pixels, as `raw_input_contents` or typed `contents` (not both); `image` may also be shaped
+//! `[B, 1]`, as Triton's tools send a batched one-element input. Both inputs are `optional` in
+//! the model configuration: a request sends exactly one. Outputs are always sent as
 //! `raw_output_contents` (what `tritonclient`'s `as_numpy` reads); with no `outputs` listed,
-//! every output of the model, as the protocol says. Request parameters: `pooling` ("cls" |
-//! "mean"), `normalize`, `layer`; `mask_ratio` (a double, or a string such as "0.5": the
-//! `kserve` SDK cannot send doubles) and `seed` for completion. Where the protocol leaves
-//! room, this follows Triton: an unknown model is NOT_FOUND, ModelReady included.
+//! every output the metadata lists, as the protocol says. `patch_tokens` (`[B, L, D]`, 150×
+//! the size of an embedding) is not listed: it is returned only when named in `outputs`, so
+//! clients and benchmarks that ask for every listed output measure embeddings. Request
+//! parameters: `pooling` ("cls" | "mean"), `normalize`, `layer`; `mask_ratio` (a double, or a
+//! string such as "0.5": the `kserve` SDK cannot send doubles) and `seed` for completion;
+//! Triton's `timeout` (microseconds) is a deadline like `grpc-timeout`, the earlier wins.
+//! Where the protocol leaves room, this follows Triton: an unknown model is NOT_FOUND,
+//! ModelReady included. Triton's ModelConfig and ModelStatistics extensions are answered too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use tonic::{Request, Response, Status};
 
+use crate::engine::queue::Kind;
+use crate::engine::stats::Totals;
 use crate::engine::{self, Call, Engine, ImageInput, MaskSpec, ModelInfo, State};
 use crate::error::ServeError;
 use crate::oip_pb as pb;
@@ -57,6 +67,78 @@ enum Served {
     Complete,
 }
 
+impl Served {
+    fn kind(self) -> Kind {
+        match self {
+            Served::Embed => Kind::Embed,
+            Served::Complete => Kind::Complete,
+        }
+    }
+
+    /// The outputs the metadata lists: sent when a request names none.
+    fn outputs(self) -> &'static [&'static str] {
+        match self {
+            Served::Embed => &["embedding"],
+            Served::Complete => &["reconstruction", "composite", "mask", "masked_patch_mse"],
+        }
+    }
+
+    /// Outputs sent only when named.
+    fn on_request(self) -> &'static [&'static str] {
+        match self {
+            Served::Embed => &["patch_tokens"],
+            Served::Complete => &[],
+        }
+    }
+}
+
+/// The one place each served model's input, output and parameter shapes are written down;
+/// the metadata and the model configuration are both read off it.
+struct Tensor {
+    name: &'static str,
+    datatype: &'static str,
+    /// Without the batch dimension.
+    dims: Vec<i64>,
+}
+
+fn inputs(info: &ModelInfo) -> [Tensor; 2] {
+    let s = info.config().img_size as i64;
+    [
+        Tensor {
+            name: "image",
+            datatype: "BYTES",
+            dims: vec![],
+        },
+        Tensor {
+            name: "pixels",
+            datatype: "FP32",
+            dims: vec![3, s, s],
+        },
+    ]
+}
+
+fn outputs(info: &ModelInfo, served: Served) -> Vec<Tensor> {
+    let c = info.config();
+    let (d, l) = (c.dim as i64, c.num_patches() as i64);
+    served
+        .outputs()
+        .iter()
+        .map(|&name| {
+            let (datatype, dims) = match name {
+                "embedding" => ("FP32", vec![d]),
+                "mask" => ("BOOL", vec![l]),
+                "masked_patch_mse" => ("FP32", vec![]),
+                _ => ("BYTES", vec![]),
+            };
+            Tensor {
+                name,
+                datatype,
+                dims,
+            }
+        })
+        .collect()
+}
+
 fn completion_name(info: &ModelInfo) -> String {
     format!("{}-complete", info.name)
 }
@@ -91,37 +173,159 @@ fn tensor(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
     }
 }
 
+fn model_name(info: &ModelInfo, served: Served) -> String {
+    match served {
+        Served::Embed => info.name.clone(),
+        Served::Complete => completion_name(info),
+    }
+}
+
+const PLATFORM: &str = "crate-mae-serve/candle";
+
 fn metadata(info: &ModelInfo, served: Served) -> pb::ModelMetadataResponse {
-    let c = info.config();
-    let (s, d, l) = (c.img_size as i64, c.dim as i64, c.num_patches() as i64);
-    let inputs = vec![
-        tensor("image", "BYTES", &[-1]),
-        tensor("pixels", "FP32", &[-1, 3, s, s]),
-    ];
-    let (name, outputs) = match served {
-        Served::Embed => (
-            info.name.clone(),
-            vec![
-                tensor("embedding", "FP32", &[-1, d]),
-                tensor("patch_tokens", "FP32", &[-1, l, d]),
-            ],
-        ),
-        Served::Complete => (
-            completion_name(info),
-            vec![
-                tensor("reconstruction", "BYTES", &[-1]),
-                tensor("composite", "BYTES", &[-1]),
-                tensor("mask", "BOOL", &[-1, l]),
-                tensor("masked_patch_mse", "FP32", &[-1]),
-            ],
-        ),
+    let batched = |t: &Tensor| {
+        let shape: Vec<i64> = std::iter::once(-1).chain(t.dims.iter().copied()).collect();
+        tensor(t.name, t.datatype, &shape)
     };
     pb::ModelMetadataResponse {
-        name,
+        name: model_name(info, served),
         versions: vec![info.version()],
-        platform: "crate-mae-serve/candle".into(),
-        inputs,
-        outputs,
+        platform: PLATFORM.into(),
+        inputs: inputs(info).iter().map(batched).collect(),
+        outputs: outputs(info, served).iter().map(batched).collect(),
+    }
+}
+
+/// Triton's model configuration, as its tools read it: both inputs optional (a request sends
+/// one), the batch limit, and the batcher's real settings.
+fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
+    use pb::model_instance_group::Kind as Group;
+    let data_type = |datatype: &str| {
+        (match datatype {
+            "FP32" => pb::DataType::TypeFp32,
+            "BOOL" => pb::DataType::TypeBool,
+            _ => pb::DataType::TypeString,
+        }) as i32
+    };
+    // Triton writes a one-element-per-image input as dims [1] reshaped to [].
+    let dims = |t: &Tensor| -> (Vec<i64>, Option<pb::ModelTensorReshape>) {
+        if t.dims.is_empty() {
+            (vec![1], Some(pb::ModelTensorReshape { shape: vec![] }))
+        } else {
+            (t.dims.clone(), None)
+        }
+    };
+    let parameters: &[&str] = match served {
+        Served::Embed => &["pooling", "normalize", "layer", "timeout"],
+        Served::Complete => &["mask_ratio", "seed", "timeout"],
+    };
+    let gpu = !info.facts.device.starts_with("cpu");
+    pb::ModelConfig {
+        name: model_name(info, served),
+        platform: PLATFORM.into(),
+        backend: "crate-mae".into(),
+        max_batch_size: info.max_images_per_request as i32,
+        input: inputs(info)
+            .iter()
+            .map(|t| {
+                let (dims, reshape) = dims(t);
+                pb::ModelInput {
+                    name: t.name.into(),
+                    data_type: data_type(t.datatype),
+                    format: if t.name == "pixels" {
+                        pb::model_input::Format::Nchw as i32
+                    } else {
+                        pb::model_input::Format::None as i32
+                    },
+                    dims,
+                    reshape,
+                    optional: true,
+                }
+            })
+            .collect(),
+        output: outputs(info, served)
+            .iter()
+            .map(|t| {
+                let (dims, reshape) = dims(t);
+                pb::ModelOutput {
+                    name: t.name.into(),
+                    data_type: data_type(t.datatype),
+                    dims,
+                    reshape,
+                }
+            })
+            .collect(),
+        scheduling_choice: Some(pb::model_config::SchedulingChoice::DynamicBatching(
+            pb::ModelDynamicBatching {
+                preferred_batch_size: vec![info.max_batch_size as i32],
+                max_queue_delay_microseconds: info.max_batch_delay.as_micros() as u64,
+                preserve_ordering: true,
+                // 1: online (unary calls), 2: bulk (streams), as the batcher orders them.
+                priority_levels: 2,
+                default_priority_level: 1,
+                default_queue_policy: Some(pb::ModelQueuePolicy {
+                    timeout_action: pb::model_queue_policy::TimeoutAction::Reject as i32,
+                    default_timeout_microseconds: 0,
+                    allow_timeout_override: true,
+                    max_queue_size: info.max_queue_images as u32,
+                }),
+            },
+        )),
+        instance_group: vec![pb::ModelInstanceGroup {
+            name: model_name(info, served),
+            count: info.threading.workers as i32,
+            gpus: vec![],
+            kind: if gpu { Group::Gpu } else { Group::Cpu } as i32,
+        }],
+        parameters: parameters
+            .iter()
+            .map(|p| {
+                (
+                    format!("request_parameter.{p}"),
+                    pb::ModelParameter {
+                        string_value: "accepted".into(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn duration(t: Totals) -> Option<pb::StatisticDuration> {
+    Some(pb::StatisticDuration {
+        count: t.count,
+        ns: t.ns,
+    })
+}
+
+fn model_statistics(engine: &Engine, info: &ModelInfo, served: Served) -> pb::ModelStatistics {
+    let s = engine.statistics(served.kind());
+    pb::ModelStatistics {
+        name: model_name(info, served),
+        version: info.version(),
+        last_inference: s.last_inference_ms,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(pb::InferStatistics {
+            success: duration(s.success),
+            fail: duration(s.fail),
+            queue: duration(s.queue),
+            compute_input: duration(s.compute_input),
+            compute_infer: duration(s.compute_infer),
+            compute_output: duration(s.compute_output),
+            cache_hit: duration(Totals::default()),
+            cache_miss: duration(Totals::default()),
+        }),
+        batch_stats: s
+            .batches
+            .iter()
+            .map(|&(size, t)| pb::InferBatchStatistics {
+                batch_size: size as u64,
+                compute_input: duration(Totals::default()),
+                compute_infer: duration(t),
+                compute_output: duration(Totals::default()),
+            })
+            .collect(),
     }
 }
 
@@ -232,11 +436,14 @@ fn images(
     match input.name.as_str() {
         "image" => {
             want("BYTES")?;
-            let [batch] = shape[..] else {
-                return Err(ServeError::invalid(format!(
-                    "input `image` must have shape [B], got {:?}",
-                    input.shape
-                )));
+            let batch = match shape[..] {
+                [batch] | [batch, 1] => batch,
+                _ => {
+                    return Err(ServeError::invalid(format!(
+                        "input `image` must have shape [B] or [B, 1], got {:?}",
+                        input.shape
+                    )))
+                }
             };
             let files = match raw {
                 Some(raw) => split_bytes(&raw)?,
@@ -293,7 +500,7 @@ fn images(
                 .collect())
         }
         other => Err(ServeError::invalid(format!(
-            "unknown input `{other}`: send `image` (BYTES [B], PNG/JPEG files) or `pixels` (FP32 [B, 3, {image_size}, {image_size}])"
+            "unknown input `{other}`: send `image` (BYTES [B] or [B, 1], PNG/JPEG files) or `pixels` (FP32 [B, 3, {image_size}, {image_size}])"
         ))),
     }
 }
@@ -332,11 +539,13 @@ fn f32_bytes<'a>(values: impl Iterator<Item = &'a f32>) -> Vec<u8> {
     values.flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// The outputs to send: those asked for, or (as the protocol says) all of them.
-fn requested(req: &pb::ModelInferRequest, all: &[&str]) -> Result<Vec<String>, ServeError> {
+/// The outputs to send: those asked for, or (as the protocol says) all the listed ones.
+fn requested(req: &pb::ModelInferRequest, served: Served) -> Result<Vec<String>, ServeError> {
+    let listed = served.outputs();
     if req.outputs.is_empty() {
-        return Ok(all.iter().map(|s| s.to_string()).collect());
+        return Ok(listed.iter().map(|s| s.to_string()).collect());
     }
+    let known = |name: &str| listed.contains(&name) || served.on_request().contains(&name);
     req.outputs
         .iter()
         .map(|o| {
@@ -346,16 +555,39 @@ fn requested(req: &pb::ModelInferRequest, all: &[&str]) -> Result<Vec<String>, S
                     o.name
                 )));
             }
-            if all.contains(&o.name.as_str()) {
+            if known(&o.name) {
                 Ok(o.name.clone())
             } else {
                 Err(ServeError::invalid(format!(
-                    "unknown output `{}`; this model has {all:?}",
-                    o.name
+                    "unknown output `{}`; this model has {listed:?}, and {:?} when named",
+                    o.name,
+                    served.on_request()
                 )))
             }
         })
         .collect()
+}
+
+/// Triton's `timeout` request parameter (microseconds) as a deadline; the earlier of it and
+/// the call's own deadline applies.
+fn with_timeout(
+    params: &HashMap<String, pb::InferParameter>,
+    mut call: Call,
+) -> Result<Call, ServeError> {
+    if let Some(us) = integer(params, "timeout")? {
+        let us = u64::try_from(us).map_err(|_| {
+            ServeError::invalid(format!("parameter `timeout` must be ≥ 0 microseconds, got {us}"))
+        })?;
+        // 0 means "no timeout" in Triton.
+        if us > 0 {
+            let by_parameter = Instant::now().checked_add(Duration::from_micros(us));
+            call.deadline = match (call.deadline, by_parameter) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    Ok(call)
 }
 
 struct Outputs {
@@ -384,19 +616,30 @@ impl Outputs {
 
 async fn infer(
     engine: &Engine,
-    mut req: pb::ModelInferRequest,
+    req: pb::ModelInferRequest,
     call: Call,
 ) -> Result<pb::ModelInferResponse, ServeError> {
     let info = engine.info()?;
     let served = resolve(info, &req.model_name, &req.model_version)?;
     check_parameters(&req.parameters, served)?;
+    let call = with_timeout(&req.parameters, call)?;
+    engine::within(call.deadline, run_infer(engine, info, served, req, call)).await
+}
+
+async fn run_infer(
+    engine: &Engine,
+    info: &ModelInfo,
+    served: Served,
+    mut req: pb::ModelInferRequest,
+    call: Call,
+) -> Result<pb::ModelInferResponse, ServeError> {
     let cfg = info.config();
     let images = images(&mut req, cfg.img_size)?;
     let b = images.len() as i64;
     let mut out = Outputs::new();
     match served {
         Served::Embed => {
-            let names = requested(&req, &["embedding", "patch_tokens"])?;
+            let names = requested(&req, served)?;
             let pooling = match parameter(&req.parameters, "pooling") {
                 None => None,
                 Some(ParameterChoice::StringParam(p)) => Some(
@@ -458,8 +701,7 @@ async fn infer(
             }
         }
         Served::Complete => {
-            let all = ["reconstruction", "composite", "mask", "masked_patch_mse"];
-            let names = requested(&req, &all)?;
+            let names = requested(&req, served)?;
             let ratio = match parameter(&req.parameters, "mask_ratio") {
                 None => 0.75,
                 Some(ParameterChoice::DoubleParam(r)) => *r as f32,
@@ -643,6 +885,61 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         observe(engine, PROTOCOL, "ModelInfer", request, |req, call| {
             infer(engine, req, call)
         })
+        .await
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let engine = &self.engine;
+        observe(
+            engine,
+            PROTOCOL,
+            "ModelConfig",
+            request,
+            |req, _| async move {
+                let info = engine.info()?;
+                let served = resolve(info, &req.name, &req.version)?;
+                Ok(pb::ModelConfigResponse {
+                    config: Some(model_config(info, served)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let engine = &self.engine;
+        observe(
+            engine,
+            PROTOCOL,
+            "ModelStatistics",
+            request,
+            |req, _| async move {
+                let info = engine.info()?;
+                // As Triton: no name, every model; a version without a name is refused.
+                let served = if req.name.is_empty() {
+                    if !req.version.is_empty() {
+                        return Err(ServeError::invalid(
+                            "a model version was given without a model name",
+                        ));
+                    }
+                    vec![Served::Embed, Served::Complete]
+                } else {
+                    vec![resolve(info, &req.name, &req.version)?]
+                };
+                Ok(pb::ModelStatisticsResponse {
+                    model_stats: served
+                        .into_iter()
+                        .map(|s| model_statistics(engine, info, s))
+                        .collect(),
+                })
+            },
+        )
         .await
     }
 }
