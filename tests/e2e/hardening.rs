@@ -235,17 +235,6 @@ async fn expired_and_cancelled_requests_are_dropped_before_compute() {
     );
 }
 
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 fn png_with(
     width: u32,
     height: u32,
@@ -678,12 +667,20 @@ async fn hostile_input_corpus_through_the_open_inference_protocol() {
             invalid,
         ),
         (
-            "BYTES shape [1, 1]",
+            "BYTES shape [1, 2]",
             {
                 let mut r = request("crate-mae", bytes_input(&[&good]));
-                r.inputs[0].shape = vec![1, 1];
+                r.inputs[0].shape = vec![1, 2];
                 r
             },
+            invalid,
+        ),
+        (
+            "timeout -5 microseconds",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("timeout", ParameterChoice::Int64Param(-5))],
+            ),
             invalid,
         ),
         (

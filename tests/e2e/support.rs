@@ -19,6 +19,21 @@ pub const IMAGE_SIZE: u32 = 64;
 
 pub const MAX_IMAGES: usize = 8;
 
+/// Resident memory of a process, in MiB: now (`VmRSS`) or its peak so far (`VmHWM`).
+pub fn memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+pub fn rss_mib(pid: u32) -> f64 {
+    memory_mib(pid, "VmRSS")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -93,12 +93,17 @@ def main():
     pix = io_of(EMBED, "inputs")["pixels"][1]
     s = pix[2]
     d = io_of(EMBED, "outputs")["embedding"][1][1]
-    L = io_of(EMBED, "outputs")["patch_tokens"][1][1]
-    ins = {"image": ("BYTES", [-1]), "pixels": ("FP32", [-1, 3, s, s])}
+    L = io_of(COMPLETE, "outputs")["mask"][1][1]
+    ins = {"image": ("BYTES", [-1, 1]), "pixels": ("FP32", [-1, 3, s, s])}
+    # patch_tokens is returned only when named, so it is not listed.
     check("get_model_metadata crate-mae", io_of(EMBED, "inputs") == ins
-          and io_of(EMBED, "outputs") == {"embedding": ("FP32", [-1, d]),
-                                          "patch_tokens": ("FP32", [-1, L, d])}
+          and io_of(EMBED, "outputs") == {"embedding": ("FP32", [-1, d])}
           and (s, d, L) == (32, 128, 64), f"S={s} d={d} L={L} version {version}")
+    cfg = c.get_model_config(EMBED).config
+    check("get_model_config: both inputs optional, batching as served",
+          [(i.name, i.optional) for i in cfg.input] == [("image", True), ("pixels", True)]
+          and cfg.max_batch_size >= 10 and cfg.dynamic_batching.preferred_batch_size
+          and [o.name for o in cfg.output] == ["embedding"], str(cfg)[:300])
     check("get_model_metadata crate-mae-complete", io_of(COMPLETE, "inputs") == ins
           and io_of(COMPLETE, "outputs") == {
               "reconstruction": ("BYTES", [-1]), "composite": ("BYTES", [-1]),
@@ -113,9 +118,9 @@ def main():
     r = c.infer(EMBED, [tensor("image", files, "BYTES")], request_id="req-1", parameters=params)
     emb = r.as_numpy("embedding")
     resp = r.get_response()
-    # No outputs listed: every output of the model, as the protocol says.
+    # No outputs listed: every listed output of the model, as the protocol says.
     check("infer BYTES embedding", emb.shape == (10, d) and emb.dtype == np.float32
-          and r.as_numpy("patch_tokens").shape == (10, L, d), f"{emb.shape} {emb.dtype}")
+          and r.as_numpy("patch_tokens") is None, f"{emb.shape} {emb.dtype}")
     check("response id and version", resp.id == "req-1" and resp.model_version == version
           and resp.model_name == EMBED, f"id={resp.id!r} version={resp.model_version[:16]}…")
     diff = np.abs(emb - ref).max()

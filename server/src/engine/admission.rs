@@ -56,7 +56,11 @@ impl Admission {
         if n > limit {
             return Err(ServeError::ResourceExhausted(format!(
                 "{n} images can never fit: the server admits at most {limit} at once{}",
-                if how == Priority::Bulk { " from streams" } else { "" }
+                if how == Priority::Bulk {
+                    " from streams"
+                } else {
+                    ""
+                }
             )));
         }
         match how {
@@ -88,13 +92,11 @@ impl Admission {
                 };
                 match deadline {
                     None => wait.await,
-                    Some(d) => tokio::time::timeout_at(d.into(), wait)
-                        .await
-                        .map_err(|_| {
-                            ServeError::DeadlineExceeded(
-                                "deadline passed while waiting for room in the queue".into(),
-                            )
-                        })?,
+                    Some(d) => tokio::time::timeout_at(d.into(), wait).await.map_err(|_| {
+                        ServeError::DeadlineExceeded(
+                            "deadline passed while waiting for room in the queue".into(),
+                        )
+                    })?,
                 }
             }
         }
@@ -198,11 +200,21 @@ mod tests {
             tokio::spawn(async move { a.admit(1, Priority::Bulk, None).await.map(|p| p.len()) })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!more_bulk.is_finished(), "the bulk share (6 of 8) is used up");
+        assert!(
+            !more_bulk.is_finished(),
+            "the bulk share (6 of 8) is used up"
+        );
         let online = a.admit(2, Priority::Online, None).await.unwrap();
-        assert_eq!(a.in_flight(), 8, "online calls still got the last two slots");
+        assert_eq!(
+            a.in_flight(),
+            8,
+            "online calls still got the last two slots"
+        );
         drop(online);
-        assert!(!more_bulk.is_finished(), "free general slots do not raise the bulk share");
+        assert!(
+            !more_bulk.is_finished(),
+            "free general slots do not raise the bulk share"
+        );
         drop(bulk);
         assert_eq!(more_bulk.await.unwrap().unwrap(), 1);
         assert!(matches!(

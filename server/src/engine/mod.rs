@@ -162,7 +162,13 @@ impl Engine {
     }
 
     /// Counts one answered request in the statistics.
-    fn account<T>(&self, kind: Kind, started: Instant, result: &Result<T, ServeError>, timing: Option<&Timing>) {
+    fn account<T>(
+        &self,
+        kind: Kind,
+        started: Instant,
+        result: &Result<T, ServeError>,
+        timing: Option<&Timing>,
+    ) {
         let total = started.elapsed();
         let times = timing.map_or(
             RequestTimes {
@@ -254,7 +260,12 @@ impl Engine {
     pub async fn embed(&self, req: EmbedRequest, call: Call) -> Result<EmbedResult, ServeError> {
         let started = Instant::now();
         let result = self.embed_images(req, call).await;
-        self.account(Kind::Embed, started, &result, result.as_ref().ok().map(|r| &r.timing));
+        self.account(
+            Kind::Embed,
+            started,
+            &result,
+            result.as_ref().ok().map(|r| &r.timing),
+        );
         result
     }
 
@@ -266,7 +277,12 @@ impl Engine {
     ) -> Result<CompleteResult, ServeError> {
         let started = Instant::now();
         let result = self.complete_images(req, call).await;
-        self.account(Kind::Complete, started, &result, result.as_ref().ok().map(|r| &r.timing));
+        self.account(
+            Kind::Complete,
+            started,
+            &result,
+            result.as_ref().ok().map(|r| &r.timing),
+        );
         result
     }
 
@@ -386,7 +402,10 @@ impl Engine {
     ) -> Result<(Vec<((Pixels, Task), Output)>, Timing), ServeError> {
         let n = work.len();
         // Admission before decoding: under overload, refuse before spending CPU on it.
-        let permits = self.admission.admit(n, call.priority, call.deadline).await?;
+        let permits = self
+            .admission
+            .admit(n, call.priority, call.deadline)
+            .await?;
         let (images, tasks): (Vec<ImageInput>, Vec<Task>) = work.into_iter().unzip();
         let preprocessing = Instant::now();
         let pixels = futures::future::join_all(

@@ -315,7 +315,7 @@ fn report_depth(state: &State) {
 mod tests {
     use super::*;
     use crate::engine::admission::Admission;
-    use crate::engine::types::{Priority, CompleteTask, EmbedTask};
+    use crate::engine::types::{CompleteTask, EmbedTask, Priority};
     use crate_mae::{Mask, Pooling};
     use std::sync::Arc;
 
@@ -403,7 +403,10 @@ mod tests {
         let q = Queues::new(2, Duration::ZERO, 2.0);
         let mut keep = vec![];
         let mut items = vec![];
-        for priority in [Priority::Bulk; 4].into_iter().chain([Priority::Online; 10]) {
+        for priority in [Priority::Bulk; 4]
+            .into_iter()
+            .chain([Priority::Online; 10])
+        {
             let (i, rx) = prioritised(Kind::Embed, priority, &a).await;
             items.push(i);
             keep.push(rx);
@@ -413,7 +416,10 @@ mod tests {
             .map(|_| {
                 let b = q.next_batch().unwrap();
                 let p = b.items[0].priority;
-                assert!(b.items.iter().all(|i| i.priority == p), "one priority a batch");
+                assert!(
+                    b.items.iter().all(|i| i.priority == p),
+                    "one priority a batch"
+                );
                 (p, b.items.len())
             })
             .collect();

@@ -163,15 +163,33 @@ mod tests {
         s.batch(Kind::Embed, 4, ms(4));
         s.batch(Kind::Embed, 1, ms(1));
         let e = s.read(Kind::Embed);
-        assert_eq!(e.success, Totals { count: 1, ns: 10_000_000 });
+        assert_eq!(
+            e.success,
+            Totals {
+                count: 1,
+                ns: 10_000_000
+            }
+        );
         assert_eq!(e.fail.count, 1);
         assert_eq!(e.queue.ns, 2_000_000);
         assert_eq!((e.inference_count, e.execution_count), (9, 3));
         assert_eq!(
             e.batches,
             vec![
-                (1, Totals { count: 1, ns: 1_000_000 }),
-                (4, Totals { count: 2, ns: 10_000_000 })
+                (
+                    1,
+                    Totals {
+                        count: 1,
+                        ns: 1_000_000
+                    }
+                ),
+                (
+                    4,
+                    Totals {
+                        count: 2,
+                        ns: 10_000_000
+                    }
+                )
             ]
         );
         assert!(e.last_inference_ms > 0);

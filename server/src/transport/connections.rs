@@ -141,6 +141,9 @@ mod tests {
         let _fourth = limited.next().await.unwrap().unwrap();
         tx.send(Ok(Fake)).unwrap();
         drop(tx);
-        assert!(limited.next().await.is_none(), "full again: the fifth is refused");
+        assert!(
+            limited.next().await.is_none(),
+            "full again: the fifth is refused"
+        );
     }
 }

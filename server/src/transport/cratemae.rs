@@ -7,7 +7,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::engine::{self, Priority, Call, Engine, ImageInput, MaskSpec};
+use crate::engine::{self, Call, Engine, ImageInput, MaskSpec, Priority};
 use crate::error::ServeError;
 use crate::pb;
 use crate::transport::{deadline, identify, observe, request_id, request_span, status, CallGuard};

@@ -38,8 +38,10 @@ use crate::transport::observe;
 const PROTOCOL: &str = "oip.v2";
 
 /// Parameters clients of the protocol attach on their own (Triton's and KServe's reserved
-/// names); accepted and ignored. Any other unknown name is refused, so a typo is not
-/// silently served with defaults.
+/// names, and any `triton_`-prefixed one, which Triton reserves for its clients, e.g.
+/// perf_analyzer's `triton_enable_empty_final_response`); accepted and ignored (`timeout` is
+/// honoured). Any other unknown name is refused, so a typo is not silently served with
+/// defaults.
 const STANDARD_PARAMETERS: &[&str] = &[
     "priority",
     "timeout",
@@ -104,10 +106,12 @@ struct Tensor {
 fn inputs(info: &ModelInfo) -> [Tensor; 2] {
     let s = info.config().img_size as i64;
     [
+        // One file per image, written as Triton writes a batched one-element input; `[B]`
+        // is accepted too.
         Tensor {
             name: "image",
             datatype: "BYTES",
-            dims: vec![],
+            dims: vec![1],
         },
         Tensor {
             name: "pixels",
@@ -207,7 +211,8 @@ fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
             _ => pb::DataType::TypeString,
         }) as i32
     };
-    // Triton writes a one-element-per-image input as dims [1] reshaped to [].
+    // A one-value-per-image output (sent as [B]) is written as Triton writes one: dims [1],
+    // reshaped to [].
     let dims = |t: &Tensor| -> (Vec<i64>, Option<pb::ModelTensorReshape>) {
         if t.dims.is_empty() {
             (vec![1], Some(pb::ModelTensorReshape { shape: vec![] }))
@@ -362,7 +367,8 @@ fn check_parameters(
         Served::Complete => &["mask_ratio", "seed"],
     };
     for name in params.keys() {
-        if !known.contains(&name.as_str()) && !STANDARD_PARAMETERS.contains(&name.as_str()) {
+        let reserved = STANDARD_PARAMETERS.contains(&name.as_str()) || name.starts_with("triton_");
+        if !known.contains(&name.as_str()) && !reserved {
             return Err(ServeError::invalid(format!(
                 "unknown parameter `{name}`; this model takes {known:?}"
             )));
@@ -576,7 +582,9 @@ fn with_timeout(
 ) -> Result<Call, ServeError> {
     if let Some(us) = integer(params, "timeout")? {
         let us = u64::try_from(us).map_err(|_| {
-            ServeError::invalid(format!("parameter `timeout` must be ≥ 0 microseconds, got {us}"))
+            ServeError::invalid(format!(
+                "parameter `timeout` must be ≥ 0 microseconds, got {us}"
+            ))
         })?;
         // 0 means "no timeout" in Triton.
         if us > 0 {
