@@ -160,7 +160,7 @@ fn resolve(info: &ModelInfo, name: &str, version: &str) -> Result<Served, ServeE
             completion_name(info)
         )));
     };
-    if !version.is_empty() && version != info.version() {
+    if !version.is_empty() && version != info.version() && version != TRITON_VERSION {
         return Err(ServeError::NotFound(format!(
             "model `{name}` version `{version}` is not served; the served version is `{}`",
             info.version()
@@ -185,6 +185,11 @@ fn model_name(info: &ModelInfo, served: Served) -> String {
 }
 
 const PLATFORM: &str = "crate-mae-serve/candle";
+
+/// Triton's tools parse model versions as integers (perf_analyzer aborts on any other), so
+/// statistics report the served model as version `1`, which every rpc also accepts as an
+/// alias of the weights' SHA-256 that metadata and responses carry.
+const TRITON_VERSION: &str = "1";
 
 fn metadata(info: &ModelInfo, served: Served) -> pb::ModelMetadataResponse {
     let batched = |t: &Tensor| {
@@ -307,7 +312,7 @@ fn model_statistics(engine: &Engine, info: &ModelInfo, served: Served) -> pb::Mo
     let s = engine.statistics(served.kind());
     pb::ModelStatistics {
         name: model_name(info, served),
-        version: info.version(),
+        version: TRITON_VERSION.into(),
         last_inference: s.last_inference_ms,
         inference_count: s.inference_count,
         execution_count: s.execution_count,
@@ -860,7 +865,9 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                 Ok(pb::ServerMetadataResponse {
                     name: "crate-mae-serve".into(),
                     version: env!("CARGO_PKG_VERSION").into(),
-                    extensions: vec![],
+                    // Triton's names for the extension rpcs answered here; perf_analyzer
+                    // reads server-side statistics only when `statistics` is listed.
+                    extensions: vec!["model_configuration".into(), "statistics".into()],
                 })
             },
         )
