@@ -131,6 +131,14 @@ def main():
           and r.as_numpy("embedding").shape == (3, d), str(r.as_numpy("patch_tokens").shape))
     norms = np.linalg.norm(r.as_numpy("embedding"), axis=1)
     check("default normalize is off", not np.allclose(norms, 1, atol=1e-3), f"norms {norms.round(3)}")
+    stats = c.get_inference_statistics(EMBED).model_stats
+    st = stats[0] if len(stats) == 1 else None
+    check("get_inference_statistics", st is not None and st.name == EMBED and st.version == "1"
+          and st.inference_count >= 13 and st.inference_stats.success.count >= 2
+          and st.execution_count >= 1 and sum(b.compute_infer.count for b in st.batch_stats)
+          == st.execution_count and st.inference_stats.compute_infer.ns > 0, str(st)[:300])
+    both = c.get_inference_statistics().model_stats
+    check("get_inference_statistics for every model", [m.name for m in both] == [EMBED, COMPLETE])
 
     zeros = np.zeros((2, 3, s, s), dtype=np.float32)
     e0 = c.infer(EMBED, [tensor("pixels", zeros, "FP32")]).as_numpy("embedding")
@@ -190,7 +198,7 @@ def main():
     expect_error("unknown model → NOT_FOUND", grpc.StatusCode.NOT_FOUND,
                  lambda: c.infer("no-such-model", [tensor("image", files[:1], "BYTES")]))
     expect_error("wrong model_version → NOT_FOUND", grpc.StatusCode.NOT_FOUND,
-                 lambda: c.infer(EMBED, [tensor("image", files[:1], "BYTES")], model_version="1"))
+                 lambda: c.infer(EMBED, [tensor("image", files[:1], "BYTES")], model_version="2"))
     many = np.array([files[0]] * (args.max_images + 1), dtype=np.object_)
     expect_error("too many images → RESOURCE_EXHAUSTED", grpc.StatusCode.RESOURCE_EXHAUSTED,
                  lambda: c.infer(EMBED, [tensor("image", many, "BYTES")]))
