@@ -77,7 +77,8 @@ pub struct Config {
     pub max_batch_size: Option<usize>,
 
     /// Model workers × compute threads each, e.g. `2x1` (two batches at once, one thread
-    /// each) or `1x2`; `auto` measures both at warm-up and keeps the faster.
+    /// each) or `1x2`. `auto`: on a CPU, one worker per core sharing one pool of every core
+    /// (a lone batch uses every core, concurrent batches share them); on a GPU, one worker.
     #[arg(long, env = "CRATE_MAE_THREADING", default_value = "auto", value_parser = parse_threading)]
     pub threading: ThreadingChoice,
 
@@ -250,7 +251,11 @@ fn parse_threading(s: &str) -> Result<ThreadingChoice, String> {
         .and_then(|(w, t)| Some((w.parse().ok()?, t.parse().ok()?)));
     match parsed {
         Some((workers, threads)) if workers >= 1 && threads >= 1 => {
-            Ok(ThreadingChoice(Some(Threading { workers, threads })))
+            Ok(ThreadingChoice(Some(Threading {
+                workers,
+                threads,
+                adaptive: false,
+            })))
         }
         _ => Err(format!(
             "`{s}`: expected auto or WORKERSxTHREADS with both at least 1, e.g. 2x1"
@@ -413,7 +418,8 @@ mod tests {
             gpu.threading.0,
             Some(Threading {
                 workers: 1,
-                threads: 4
+                threads: 4,
+                adaptive: false
             })
         );
         for bad in [

@@ -327,3 +327,76 @@ async fn cli_and_load_generator_work_against_the_server() {
     assert_eq!(report["status_codes"]["OK"], 12);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A lone request is never left on one core: 8 Base images (random weights) through the
+/// server take under 1.6× the in-process encoder's batch-8 time on a pool of every core,
+/// with the default threading (no start-up measurement decides it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_spreads_over_every_core() {
+    use candle_core::{Device, Tensor};
+    use crate_mae::{checkpoint, init, CrateMaeConfig};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = CrateMaeConfig::preset("base").unwrap();
+    let s = cfg.img_size;
+    // In process first, with the server not yet started: the best of three batch-8 passes.
+    let in_process = tokio::task::spawn_blocking(move || {
+        let weights = init::random_weights(&cfg, 0, &Device::Cpu).unwrap();
+        let model = checkpoint::model_from_tensors(weights, &cfg, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (8, 3, s, s), &Device::Cpu).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores)
+            .build()
+            .unwrap();
+        (0..4)
+            .map(|_| {
+                let started = Instant::now();
+                pool.install(|| model.encode(&x, None)).unwrap();
+                started.elapsed()
+            })
+            .skip(1)
+            .min()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (_server, mut client) = Server::ready(
+        &[
+            "--preset",
+            "base",
+            "--image-size",
+            "224",
+            "--max-batch-size",
+            "8",
+            "--diagnostics-every",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let image = || Image {
+        encoded: vec![],
+        tensor: Some(RawTensor {
+            shape: vec![3, s as u32, s as u32],
+            data: vec![0.25; 3 * s * s],
+        }),
+    };
+    let mut served = Duration::MAX;
+    for _ in 0..3 {
+        let answer = client
+            .embed(embed_request((0..8).map(|_| image()).collect()))
+            .await
+            .unwrap()
+            .into_inner();
+        let timing = answer.timing.unwrap();
+        assert_eq!(timing.batch_size, 8, "one request, one batch");
+        served = served.min(Duration::from_secs_f64(timing.inference_seconds));
+    }
+    let ratio = served.as_secs_f64() / in_process.as_secs_f64();
+    eprintln!(
+        "Base batch 8 on {cores} cores: served {served:?}, in process {in_process:?}, {ratio:.2}×"
+    );
+    assert!(
+        ratio < 1.6,
+        "a lone request of 8 images took {ratio:.2}× the in-process time: it did not use every core"
+    );
+}

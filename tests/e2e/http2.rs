@@ -409,3 +409,30 @@ async fn compressed_requests_get_compressed_answers() {
         );
     }
 }
+
+/// Benchmark, not a check (`bench/http2_streams.sh` runs it): the memory one open stream costs
+/// with the stream limit lifted, so the limit's effect can be stated. One connection opens
+/// 20,000 streams that never finish; prints the RSS before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run by bench/http2_streams.sh"]
+async fn memory_per_open_stream() {
+    let (server, _client) = Server::ready_with(
+        Weights::BuiltIn,
+        &["--max-concurrent-streams", "1000000"],
+        &[],
+        None,
+    )
+    .await;
+    let pid = server.child.id().unwrap();
+    let authority = server.grpc.trim_start_matches("http://").to_string();
+    let before = rss_mib(pid);
+    let streams = 20_000;
+    let held = flood_open_streams(&authority, streams).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mib(pid);
+    let per_stream_kib = (after - before) * 1024.0 / f64::from(streams);
+    println!(
+        "{streams} open streams on one connection, no stream limit: RSS {before:.1} → {after:.1} MiB, {per_stream_kib:.1} KiB per stream"
+    );
+    drop(held);
+}

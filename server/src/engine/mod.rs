@@ -578,20 +578,24 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
     let started = Instant::now();
     let (threading, reason) = match config.threading {
         Some(t) => (t, "--threading".to_string()),
-        None if backend.parallel_batches() && cores > 1 => choose_threading(&*backend, cores)?,
+        None if backend.parallel_batches() => (
+            Threading::adaptive(cores),
+            "a lone batch on every core, concurrent batches a core each".to_string(),
+        ),
         None => (
             Threading {
                 workers: 1,
                 threads: cores,
+                adaptive: false,
             },
             "one stream of batches on this device".to_string(),
         ),
     };
     // Every batch size on a GPU (kernel selection is per shape); on a CPU one image through
-    // encoder and decoder (nothing there depends on the batch size; the threading probe
-    // above already ran the encoder on every worker).
+    // encoder and decoder (nothing there depends on the batch size), then a batch that
+    // spreads over every compute thread, so each thread's buffers exist before traffic.
     let sizes: Vec<usize> = if backend.parallel_batches() {
-        vec![1]
+        vec![1, threading.threads.min(config.max_batch_size)]
     } else {
         (1..=config.max_batch_size).collect()
     };
@@ -619,6 +623,7 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
             engine.fail(format!("device lost: {err}"));
         }
     });
+    e.queues.set_compute_threads(threading.threads);
     let workers = Workers::start(
         Arc::clone(&backend),
         Arc::clone(&e.queues),
@@ -671,65 +676,4 @@ fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), St
             return Ok(());
         }
     }
-}
-
-/// Measures, on this model and machine, one worker using every core against one worker per
-/// core, and keeps the faster. Small models lose more to per-operation thread hand-offs than
-/// they gain from them; large ones keep every core busy inside each matrix product.
-fn choose_threading<B: Backend>(backend: &B, cores: usize) -> Result<(Threading, String), String> {
-    const BATCH: usize = 2;
-    const MIN_TIME: Duration = Duration::from_millis(150);
-    let candidates = [
-        Threading {
-            workers: 1,
-            threads: cores,
-        },
-        Threading {
-            workers: cores,
-            threads: 1,
-        },
-    ];
-    let mut rates = Vec::with_capacity(candidates.len());
-    for t in candidates {
-        let pools = (0..t.workers)
-            .map(|w| worker::compute_pool(t.threads, w))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        // The same work each way: `cores` batches, all workers busy at once.
-        let rounds = cores / t.workers;
-        let mut images = 0usize;
-        let started = Instant::now();
-        while images == 0 || started.elapsed() < MIN_TIME {
-            std::thread::scope(|s| -> Result<(), String> {
-                let handles: Vec<_> = pools
-                    .iter()
-                    .map(|pool| {
-                        s.spawn(move || {
-                            (0..rounds)
-                                .try_for_each(|_| pool.install(|| backend.warm_up(BATCH, false)))
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.join()
-                        .map_err(|_| "warm-up panicked".to_string())?
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })?;
-            images += cores * BATCH;
-        }
-        rates.push(images as f64 / started.elapsed().as_secs_f64());
-    }
-    let best = if rates[1] > rates[0] { 1 } else { 0 };
-    let reason = format!(
-        "measured at warm-up: {} workers × {} threads {:.0} img/s, {} × {} {:.0} img/s",
-        candidates[0].workers,
-        candidates[0].threads,
-        rates[0],
-        candidates[1].workers,
-        candidates[1].threads,
-        rates[1]
-    );
-    Ok((candidates[best], reason))
 }

@@ -7,13 +7,16 @@
 //!   worker is busy still join the next batch; `max_batch_delay` optionally waits for more.
 //! - **Online before bulk**: within a kind, online images (unary calls) form the next batch
 //!   ahead of bulk ones (streams). While both wait, bulk gets a batch after at most
-//!   [`ONLINE_STREAK`] online batches in a row, so a saturating stream never delays an
-//!   interactive call by more than the batches already running, and online load never
-//!   starves a stream. A batch holds one priority: an online image never waits for bulk
-//!   images computed beside it.
+//!   [`ONLINE_STREAK`] online batches in a row, so online load never starves a stream. A
+//!   batch holds one priority: an online image never waits for bulk images computed beside
+//!   it. Batches cannot be preempted, so while online calls are arriving (one in the last
+//!   [`ONLINE_WINDOW`]) bulk runs one batch at a time, of a few images per compute
+//!   thread ([`BULK_IMAGES_PER_THREAD`]): an interactive call waits for at most that much bulk
+//!   work, and the stream still has every core. With no online traffic bulk batches are full and parallel.
 //! - Items whose deadline passed or whose client went away are dropped before compute.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,9 +109,18 @@ impl Item {
     }
 }
 
+/// Images per compute thread in a bulk batch while online calls arrive: two keep the stream
+/// at more than half its solo rate beside interactive traffic, and an interactive call waits
+/// at most two images' worth (BENCHMARKS.md, "Online before bulk").
+pub const BULK_IMAGES_PER_THREAD: usize = 2;
+
+/// How long after an online call bulk work stays throttled (see the module's rule).
+pub const ONLINE_WINDOW: Duration = Duration::from_millis(50);
+
 /// A formed batch, for one worker.
 pub struct Batch {
     pub kind: Kind,
+    pub priority: Priority,
     pub items: Vec<Item>,
 }
 
@@ -147,17 +159,22 @@ impl Lanes {
         self.online.len() + self.bulk.len()
     }
 
+    /// Whether a batch can be formed here now (`bulk_ok`: bulk may start a batch).
+    fn ready(&self, bulk_ok: bool) -> bool {
+        !self.online.is_empty() || (bulk_ok && !self.bulk.is_empty())
+    }
+
     /// The lane the next batch comes from (see the module's rule), and counts it.
-    fn next_lane(&mut self) -> &mut VecDeque<Item> {
+    fn next_lane(&mut self, bulk_ok: bool) -> (Priority, &mut VecDeque<Item>) {
         let bulk_turn = self.online.is_empty() || self.streak >= ONLINE_STREAK;
-        if bulk_turn && !self.bulk.is_empty() {
+        if bulk_ok && bulk_turn && !self.bulk.is_empty() {
             self.streak = 0;
-            &mut self.bulk
+            (Priority::Bulk, &mut self.bulk)
         } else {
             if !self.bulk.is_empty() {
                 self.streak += 1;
             }
-            &mut self.online
+            (Priority::Online, &mut self.online)
         }
     }
 
@@ -171,7 +188,23 @@ struct State {
     queues: [Lanes; 2],
     /// Cost-weighted images served per kind (for fair sharing).
     served: [f64; 2],
+    /// Bulk batches being computed.
+    bulk_running: usize,
+    /// When the last online image arrived.
+    online_seen: Option<Instant>,
     closed: bool,
+}
+
+impl State {
+    fn online_active(&self, now: Instant) -> bool {
+        self.online_seen
+            .is_some_and(|t| now.saturating_duration_since(t) < ONLINE_WINDOW)
+    }
+
+    /// Whether bulk work may start a batch now.
+    fn bulk_ok(&self, now: Instant) -> bool {
+        self.bulk_running == 0 || !self.online_active(now)
+    }
 }
 
 pub struct Queues {
@@ -180,6 +213,8 @@ pub struct Queues {
     max_batch_size: usize,
     max_batch_delay: Duration,
     cost: [f64; 2],
+    /// The largest bulk batch while online calls arrive.
+    bulk_slice: AtomicUsize,
 }
 
 impl Queues {
@@ -190,6 +225,23 @@ impl Queues {
             max_batch_size,
             max_batch_delay,
             cost: [1.0, complete_cost],
+            bulk_slice: AtomicUsize::new(1),
+        }
+    }
+
+    /// Sets the compute threads a batch spreads over (known once the threading is chosen).
+    pub fn set_compute_threads(&self, threads: usize) {
+        self.bulk_slice
+            .store(BULK_IMAGES_PER_THREAD * threads.max(1), Ordering::Relaxed);
+    }
+
+    /// A worker finished a batch of this priority.
+    pub fn batch_done(&self, priority: Priority) {
+        if priority == Priority::Bulk {
+            let mut state = self.lock();
+            state.bulk_running = state.bulk_running.saturating_sub(1);
+            drop(state);
+            self.wake.notify_all();
         }
     }
 
@@ -204,6 +256,9 @@ impl Queues {
         let mut state = self.lock();
         if state.closed {
             return Err(ServeError::Unavailable("server is shutting down".into()));
+        }
+        if items.iter().any(|i| i.priority == Priority::Online) {
+            state.online_seen = Some(Instant::now());
         }
         for item in items {
             let k = item.task.kind().index();
@@ -246,13 +301,24 @@ impl Queues {
         let mut state = self.lock();
         loop {
             let kind = loop {
-                if let Some(kind) = self.pick(&state) {
+                let bulk_ok = state.bulk_ok(Instant::now());
+                if let Some(kind) = self.pick(&state, bulk_ok) {
                     break kind;
                 }
-                if state.closed {
+                let idle = state.queues.iter().all(Lanes::is_empty);
+                if state.closed && idle {
                     return None;
                 }
-                state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                state = if idle || state.closed {
+                    self.wake.wait(state).unwrap_or_else(|p| p.into_inner())
+                } else {
+                    // Bulk is held back while online calls arrive: look again when the
+                    // window closes (or a batch finishes first).
+                    self.wake
+                        .wait_timeout(state, ONLINE_WINDOW)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                };
             };
             let k = kind.index();
             if !self.max_batch_delay.is_zero() && !state.closed {
@@ -270,9 +336,21 @@ impl Queues {
                 }
             }
             let now = Instant::now();
+            let bulk_ok = state.bulk_ok(now);
+            let limit = if bulk_ok && state.online_active(now) {
+                self.bulk_slice
+                    .load(Ordering::Relaxed)
+                    .min(self.max_batch_size)
+            } else {
+                self.max_batch_size
+            };
             let mut items = Vec::with_capacity(self.max_batch_size);
-            let lane = state.queues[k].next_lane();
-            while items.len() < self.max_batch_size {
+            let (priority, lane) = state.queues[k].next_lane(bulk_ok);
+            let limit = match priority {
+                Priority::Online => self.max_batch_size,
+                Priority::Bulk => limit,
+            };
+            while items.len() < limit {
                 let Some(item) = lane.pop_front() else {
                     break;
                 };
@@ -286,21 +364,28 @@ impl Queues {
                 continue; // everything picked was stale; look again
             }
             state.served[k] += items.len() as f64 * self.cost[k];
+            if priority == Priority::Bulk {
+                state.bulk_running += 1;
+            }
             let more = state.queues.iter().any(|q| !q.is_empty());
             drop(state);
             if more {
                 // Another free worker may take the rest.
                 self.wake.notify_one();
             }
-            return Some(Batch { kind, items });
+            return Some(Batch {
+                kind,
+                priority,
+                items,
+            });
         }
     }
 
-    /// The kind that has been served least among those with work.
-    fn pick(&self, state: &State) -> Option<Kind> {
+    /// The kind that has been served least among those with work that can start now.
+    fn pick(&self, state: &State, bulk_ok: bool) -> Option<Kind> {
         Kind::ALL
             .into_iter()
-            .filter(|k| !state.queues[k.index()].is_empty())
+            .filter(|k| state.queues[k.index()].ready(bulk_ok))
             .min_by(|a, b| state.served[a.index()].total_cmp(&state.served[b.index()]))
     }
 }
@@ -411,6 +496,7 @@ mod tests {
             items.push(i);
             keep.push(rx);
         }
+        q.set_compute_threads(2);
         q.push(items).unwrap();
         let order: Vec<(Priority, usize)> = (0..7)
             .map(|_| {
@@ -420,6 +506,8 @@ mod tests {
                     b.items.iter().all(|i| i.priority == p),
                     "one priority a batch"
                 );
+                assert_eq!(b.priority, p);
+                q.batch_done(p);
                 (p, b.items.len())
             })
             .collect();
@@ -437,6 +525,45 @@ mod tests {
             ],
             "bulk queued first still waits for online, but never more than three batches"
         );
+    }
+
+    #[tokio::test]
+    async fn while_online_calls_arrive_bulk_runs_one_thin_batch_at_a_time() {
+        let a = Admission::new(100);
+        let q = Queues::new(8, Duration::ZERO, 2.0);
+        q.set_compute_threads(2);
+        let mut keep = vec![];
+        let mut bulk = vec![];
+        for _ in 0..24 {
+            let (i, rx) = prioritised(Kind::Embed, Priority::Bulk, &a).await;
+            bulk.push(i);
+            keep.push(rx);
+        }
+        // Bulk alone: full batches, several at once.
+        q.push(bulk).unwrap();
+        let (one, two) = (q.next_batch().unwrap(), q.next_batch().unwrap());
+        assert_eq!((one.items.len(), two.items.len()), (8, 8));
+        q.batch_done(Priority::Bulk);
+        q.batch_done(Priority::Bulk);
+        // An online call arrives: it goes first, then bulk runs one batch of one image per
+        // compute thread, and a second bulk batch waits for the first to finish.
+        let (online, _rx) = prioritised(Kind::Embed, Priority::Online, &a).await;
+        q.push(vec![online]).unwrap();
+        let first = q.next_batch().unwrap();
+        assert_eq!((first.priority, first.items.len()), (Priority::Online, 1));
+        q.batch_done(Priority::Online);
+        let thin = q.next_batch().unwrap();
+        assert_eq!((thin.priority, thin.items.len()), (Priority::Bulk, 4));
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| q.next_batch().map(|b| b.items.len()));
+            std::thread::sleep(Duration::from_millis(10));
+            assert!(
+                !waiting.is_finished(),
+                "one bulk batch at a time while online is active"
+            );
+            q.batch_done(Priority::Bulk);
+            assert_eq!(waiting.join().unwrap(), Some(4));
+        });
     }
 
     #[tokio::test]

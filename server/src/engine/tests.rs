@@ -21,6 +21,7 @@ fn config() -> EngineConfig {
         threading: Some(Threading {
             workers: 1,
             threads: 1,
+            adaptive: false,
         }),
     }
 }

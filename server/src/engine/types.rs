@@ -45,17 +45,41 @@ pub struct CompleteRequest {
     pub diagnostics: bool,
 }
 
-/// How the model worker computes: `workers` model threads, each with `threads` compute
-/// threads of its own.
+/// How the model workers compute: `workers` model threads, each with `threads` compute
+/// threads of its own; or (`adaptive`) one worker per core where a batch that starts alone
+/// runs on a pool of all `threads` cores and one that starts beside others on its worker's
+/// own core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Threading {
     pub workers: usize,
     pub threads: usize,
+    pub adaptive: bool,
+}
+
+impl Threading {
+    /// The CPU default: a lone batch spreads over every core; batches in flight together take
+    /// one core each (no hand-offs between them). No core idles while work waits, and
+    /// nothing depends on a measurement at start-up.
+    pub fn adaptive(cores: usize) -> Self {
+        Self {
+            workers: cores,
+            threads: cores,
+            adaptive: true,
+        }
+    }
 }
 
 impl std::fmt::Display for Threading {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.workers, self.threads)
+        if self.adaptive {
+            write!(
+                f,
+                "{} workers, a lone batch on {} threads",
+                self.workers, self.threads
+            )
+        } else {
+            write!(f, "{}x{}", self.workers, self.threads)
+        }
     }
 }
 

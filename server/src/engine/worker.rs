@@ -70,7 +70,8 @@ impl Sampler {
 
 impl Workers {
     /// Starts `threading.workers` threads, each owning a pool of `threading.threads` compute
-    /// threads, all taking batches from `queues` until it is closed and empty.
+    /// threads (or all sharing one), all taking batches from `queues` until it is closed and
+    /// empty.
     pub fn start<B: Backend>(
         backend: Arc<B>,
         queues: Arc<Queues>,
@@ -82,8 +83,21 @@ impl Workers {
         let alive = Arc::new(AtomicUsize::new(threading.workers));
         let sampler = Arc::new(sampler);
         let mut threads = Vec::with_capacity(threading.workers);
+        // Adaptive: a pool of every core for a batch that starts alone, each worker's own
+        // core for one that starts beside others.
+        let (wide, own_threads) = if threading.adaptive {
+            (
+                Some(Arc::new(compute_pool(threading.threads, usize::MAX)?)),
+                1,
+            )
+        } else {
+            (None, threading.threads)
+        };
+        let running = Arc::new(AtomicUsize::new(0));
         for w in 0..threading.workers {
-            let pool = compute_pool(threading.threads, w)?;
+            let own = compute_pool(own_threads, w)?;
+            let wide = wide.clone();
+            let running = Arc::clone(&running);
             let runner = Runner {
                 backend: Arc::clone(&backend),
                 stats: Arc::clone(&stats),
@@ -96,7 +110,14 @@ impl Workers {
                     .name(format!("cratemae-model-{w}"))
                     .spawn(move || {
                         while let Some(batch) = queues.next_batch() {
-                            pool.install(|| runner.run(batch));
+                            let priority = batch.priority;
+                            let alone = running.fetch_add(1, Ordering::AcqRel) == 0;
+                            match &wide {
+                                Some(wide) if alone => wide.install(|| runner.run(batch)),
+                                _ => own.install(|| runner.run(batch)),
+                            }
+                            running.fetch_sub(1, Ordering::AcqRel);
+                            queues.batch_done(priority);
                         }
                         alive.fetch_sub(1, Ordering::AcqRel);
                     })?,
@@ -122,7 +143,10 @@ impl Workers {
 pub fn compute_pool(threads: usize, worker: usize) -> std::io::Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
-        .thread_name(move |i| format!("cratemae-compute-{worker}.{i}"))
+        .thread_name(move |i| match worker {
+            usize::MAX => format!("cratemae-compute-all.{i}"),
+            w => format!("cratemae-compute-{w}.{i}"),
+        })
         .build()
         .map_err(std::io::Error::other)
 }
