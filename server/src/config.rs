@@ -194,7 +194,7 @@ pub struct Config {
 pub struct ConnectionLimits {
     /// Open client connections; one more is accepted and closed at once (the client sees
     /// UNAVAILABLE and its balancer tries another replica).
-    #[arg(long, env = "CRATE_MAE_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(long, env = "CRATE_MAE_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
 
     /// Streams (calls) one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);

@@ -333,6 +333,7 @@ async fn cli_and_load_generator_work_against_the_server() {
 /// with the default threading (no start-up measurement decides it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_request_spreads_over_every_core() {
+    let _cores = exclusive().await;
     use candle_core::{Device, Tensor};
     use crate_mae::{checkpoint, init, CrateMaeConfig};
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

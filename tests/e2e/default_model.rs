@@ -129,6 +129,7 @@ async fn built_in_model_is_trained_and_completes_better_than_mean_colour_fill() 
 /// client's delayed ACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serial_calls_do_not_wait_for_delayed_acks() {
+    let _cores = exclusive().await;
     let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
     let (_, image) = fashion_mnist_fixtures().remove(0);
     let call = |client: &mut CrateMaeClient<Channel>| {

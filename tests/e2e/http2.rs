@@ -85,6 +85,7 @@ async fn raw_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_deadlines_are_deadline_exceeded_never_cancelled() {
+    let _cores = exclusive().await;
     let (server, _client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
     let authority = server.grpc.trim_start_matches("http://").to_string();
     let pngs: Vec<Vec<u8>> = fixtures().into_iter().take(8).collect();
@@ -242,6 +243,7 @@ async fn flood_open_streams(authority: &str, streams: u32) -> tokio::net::tcp::O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_that_never_finish_cannot_exhaust_memory() {
+    let _cores = exclusive().await;
     let (server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
     let pid = server.child.id().unwrap();
     let authority = server.grpc.trim_start_matches("http://").to_string();
@@ -416,6 +418,7 @@ async fn compressed_requests_get_compressed_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run by bench/http2_streams.sh"]
 async fn memory_per_open_stream() {
+    let _cores = exclusive().await;
     let (server, _client) = Server::ready_with(
         Weights::BuiltIn,
         &["--max-concurrent-streams", "1000000"],

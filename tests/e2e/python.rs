@@ -202,6 +202,7 @@ fn perf_analyzer_figures(output: &str) -> (f64, u64) {
 /// models, both input kinds, with the server-side statistics it reads from ModelStatistics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn perf_analyzer_drives_both_models_and_both_inputs() {
+    let _cores = exclusive().await;
     let python = match tokio::task::spawn_blocking(|| {
         try_venv(
             "perf-analyzer",

@@ -19,6 +19,13 @@ pub const IMAGE_SIZE: u32 = 64;
 
 pub const MAX_IMAGES: usize = 8;
 
+/// Held by tests that load both cores for a while (perf_analyzer, floods) and by tests that
+/// time something, so the two never overlap when the suite runs tests in parallel.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static CORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    CORES.lock().await
+}
+
 /// Resident memory of a process, in MiB: now (`VmRSS`) or its peak so far (`VmHWM`).
 pub fn memory_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -3,8 +3,9 @@
 //!
 //! Online calls try (refused at once with a retryable RESOURCE_EXHAUSTED: the client or its
 //! load balancer should try another replica); bulk streams wait for room within their
-//! deadline, and may hold at most [`BULK_ADMISSION_SHARE`] of the slots, so a stream that
-//! keeps the server full never locks unary calls out.
+//! deadline, and may hold at most [`BULK_ADMISSION_SHARE`] of the slots (or one largest
+//! request, if that is more), so a stream that keeps the server full never locks unary calls
+//! out.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +40,17 @@ impl Admission {
             bulk: Arc::new(Semaphore::new(bulk_capacity)),
             capacity,
             bulk_capacity,
+        }
+    }
+
+    /// Raises the bulk share, if needed, so one stream message of `images` (the largest a
+    /// request may be) always fits.
+    pub fn fitting_requests_of(self, images: usize) -> Self {
+        let bulk_capacity = self.bulk_capacity.max(images.min(self.capacity));
+        Self {
+            bulk: Arc::new(Semaphore::new(bulk_capacity)),
+            bulk_capacity,
+            ..self
         }
     }
 
@@ -221,5 +233,8 @@ mod tests {
             a.admit(7, Priority::Bulk, None).await,
             Err(ServeError::ResourceExhausted(_))
         ));
+        // A stream message as large as a request may be always fits.
+        let small = Admission::new(8).fitting_requests_of(8);
+        assert_eq!(small.admit(8, Priority::Bulk, None).await.unwrap().len(), 8);
     }
 }

@@ -110,7 +110,8 @@ impl Engine {
                 config.max_batch_delay,
                 config.complete_cost,
             )),
-            admission: Admission::new(config.max_queue_images),
+            admission: Admission::new(config.max_queue_images)
+                .fitting_requests_of(config.max_images_per_request),
             decode_budget: Arc::new(Semaphore::new(config.max_decode_mib as usize)),
             ready: OnceLock::new(),
             state: watch::Sender::new(State::Loading),

@@ -285,8 +285,8 @@ pub enum Priority {
     Bulk,
 }
 
-/// Share of `max_queue_images` bulk work may hold, so a stream never fills admission and
-/// unary calls still find room.
+/// Share of `max_queue_images` bulk work may hold (at least one largest request), so a stream
+/// never fills admission and unary calls still find room.
 pub const BULK_ADMISSION_SHARE: f64 = 0.75;
 
 /// Online batches in a row a waiting bulk batch may be passed over for.
