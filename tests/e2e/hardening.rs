@@ -676,6 +676,14 @@ async fn hostile_input_corpus_through_the_open_inference_protocol() {
             invalid,
         ),
         (
+            "priority 3",
+            with_params(
+                request("crate-mae", bytes_input(&[&good])),
+                &[("priority", ParameterChoice::Uint64Param(3))],
+            ),
+            invalid,
+        ),
+        (
             "timeout -5 microseconds",
             with_params(
                 request("crate-mae", bytes_input(&[&good])),

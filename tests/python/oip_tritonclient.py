@@ -131,6 +131,10 @@ def main():
           and r.as_numpy("embedding").shape == (3, d), str(r.as_numpy("patch_tokens").shape))
     norms = np.linalg.norm(r.as_numpy("embedding"), axis=1)
     check("default normalize is off", not np.allclose(norms, 1, atol=1e-3), f"norms {norms.round(3)}")
+    bulk = c.infer(EMBED, [tensor("image", files, "BYTES")], parameters=params, priority=2,
+                   timeout=10_000_000)
+    diff = np.abs(bulk.as_numpy("embedding") - ref).max()
+    check("priority 2 (bulk) and timeout parameters", diff <= 1e-6, f"max |diff| {diff:.2e}")
     stats = c.get_inference_statistics(EMBED).model_stats
     st = stats[0] if len(stats) == 1 else None
     check("get_inference_statistics", st is not None and st.name == EMBED and st.version == "1"

@@ -13,7 +13,8 @@
 //! clients and benchmarks that ask for every listed output measure embeddings. Request
 //! parameters: `pooling` ("cls" | "mean"), `normalize`, `layer`; `mask_ratio` (a double, or a
 //! string such as "0.5": the `kserve` SDK cannot send doubles) and `seed` for completion;
-//! Triton's `timeout` (microseconds) is a deadline like `grpc-timeout`, the earlier wins.
+//! Triton's `timeout` (microseconds) is a deadline like `grpc-timeout`, the earlier wins, and
+//! its `priority` picks the level the configuration lists (1 online, 2 bulk).
 //! Where the protocol leaves room, this follows Triton: an unknown model is NOT_FOUND,
 //! ModelReady included. Triton's ModelConfig and ModelStatistics extensions are answered too.
 
@@ -39,9 +40,9 @@ const PROTOCOL: &str = "oip.v2";
 
 /// Parameters clients of the protocol attach on their own (Triton's and KServe's reserved
 /// names, and any `triton_`-prefixed one, which Triton reserves for its clients, e.g.
-/// perf_analyzer's `triton_enable_empty_final_response`); accepted and ignored (`timeout` is
-/// honoured). Any other unknown name is refused, so a typo is not silently served with
-/// defaults.
+/// perf_analyzer's `triton_enable_empty_final_response`); accepted and ignored, except
+/// `timeout` and `priority`, which are honoured. Any other unknown name is refused, so a typo
+/// is not silently served with defaults.
 const STANDARD_PARAMETERS: &[&str] = &[
     "priority",
     "timeout",
@@ -226,8 +227,8 @@ fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
         }
     };
     let parameters: &[&str] = match served {
-        Served::Embed => &["pooling", "normalize", "layer", "timeout"],
-        Served::Complete => &["mask_ratio", "seed", "timeout"],
+        Served::Embed => &["pooling", "normalize", "layer", "timeout", "priority"],
+        Served::Complete => &["mask_ratio", "seed", "timeout", "priority"],
     };
     let gpu = !info.facts.device.starts_with("cpu");
     pb::ModelConfig {
@@ -579,12 +580,22 @@ fn requested(req: &pb::ModelInferRequest, served: Served) -> Result<Vec<String>,
         .collect()
 }
 
-/// Triton's `timeout` request parameter (microseconds) as a deadline; the earlier of it and
-/// the call's own deadline applies.
-fn with_timeout(
+/// Triton's `timeout` request parameter (microseconds) as a deadline, the earlier of it and
+/// the call's own deadline applying; and its `priority` as the model configuration lists the
+/// levels (0 or 1: online, the default; 2: bulk, as a stream's work is treated).
+fn with_call_parameters(
     params: &HashMap<String, pb::InferParameter>,
     mut call: Call,
 ) -> Result<Call, ServeError> {
+    match integer(params, "priority")? {
+        None | Some(0) | Some(1) => {}
+        Some(2) => call.priority = engine::Priority::Bulk,
+        Some(p) => {
+            return Err(ServeError::invalid(format!(
+                "parameter `priority` must be 1 (online, the default) or 2 (bulk), got {p}"
+            )))
+        }
+    }
     if let Some(us) = integer(params, "timeout")? {
         let us = u64::try_from(us).map_err(|_| {
             ServeError::invalid(format!(
@@ -635,7 +646,7 @@ async fn infer(
     let info = engine.info()?;
     let served = resolve(info, &req.model_name, &req.model_version)?;
     check_parameters(&req.parameters, served)?;
-    let call = with_timeout(&req.parameters, call)?;
+    let call = with_call_parameters(&req.parameters, call)?;
     engine::within(call.deadline, run_infer(engine, info, served, req, call)).await
 }
 
