@@ -12,9 +12,13 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::engine::types::{Priority, BULK_ADMISSION_SHARE};
+use crate::engine::types::Priority;
 use crate::error::ServeError;
 use crate::telemetry;
+
+/// Share of `max_queue_images` bulk work may hold (at least one largest request), so a stream
+/// never fills admission and unary calls still find room.
+pub const BULK_ADMISSION_SHARE: f64 = 0.75;
 
 #[derive(Debug)]
 pub struct Admission {

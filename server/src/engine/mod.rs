@@ -162,29 +162,34 @@ impl Engine {
         self.stats.read(kind)
     }
 
-    /// Counts one answered request in the statistics.
-    fn account<T>(
+    /// Runs one request and counts it in the statistics, OK (with where its time went) or not.
+    async fn accounted<R>(
         &self,
         kind: Kind,
-        started: Instant,
-        result: &Result<T, ServeError>,
-        timing: Option<&Timing>,
-    ) {
+        work: impl Future<Output = Result<R, ServeError>>,
+        timing: fn(&R) -> &Timing,
+    ) -> Result<R, ServeError> {
+        let started = Instant::now();
+        let result = work.await;
         let total = started.elapsed();
-        let times = timing.map_or(
-            RequestTimes {
+        let times = match &result {
+            Ok(r) => {
+                let t = timing(r);
+                RequestTimes {
+                    total,
+                    input: t.preprocess,
+                    queue: t.queue,
+                    infer: t.inference,
+                    output: total.saturating_sub(t.preprocess + t.queue + t.inference),
+                }
+            }
+            Err(_) => RequestTimes {
                 total,
                 ..Default::default()
             },
-            |t| RequestTimes {
-                total,
-                input: t.preprocess,
-                queue: t.queue,
-                infer: t.inference,
-                output: total.saturating_sub(t.preprocess + t.queue + t.inference),
-            },
-        );
+        };
         self.stats.request(kind, result.is_ok(), times);
+        result
     }
 
     /// Images admitted and not yet finished.
@@ -259,15 +264,8 @@ impl Engine {
 
     /// One embedding per image, in request order.
     pub async fn embed(&self, req: EmbedRequest, call: Call) -> Result<EmbedResult, ServeError> {
-        let started = Instant::now();
-        let result = self.embed_images(req, call).await;
-        self.account(
-            Kind::Embed,
-            started,
-            &result,
-            result.as_ref().ok().map(|r| &r.timing),
-        );
-        result
+        self.accounted(Kind::Embed, self.embed_images(req, call), |r| &r.timing)
+            .await
     }
 
     /// Masked completion of each image with its own mask.
@@ -276,15 +274,10 @@ impl Engine {
         req: CompleteRequest,
         call: Call,
     ) -> Result<CompleteResult, ServeError> {
-        let started = Instant::now();
-        let result = self.complete_images(req, call).await;
-        self.account(
-            Kind::Complete,
-            started,
-            &result,
-            result.as_ref().ok().map(|r| &r.timing),
-        );
-        result
+        self.accounted(Kind::Complete, self.complete_images(req, call), |r| {
+            &r.timing
+        })
+        .await
     }
 
     async fn embed_images(&self, req: EmbedRequest, call: Call) -> Result<EmbedResult, ServeError> {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::engine::admission::Permit;
-use crate::engine::types::{CompletedPixels, Embedding, Priority, Task, Timing, ONLINE_STREAK};
+use crate::engine::types::{CompletedPixels, Embedding, Priority, Task, Timing};
 use crate::error::ServeError;
 use crate::imaging::Pixels;
 use crate::telemetry;
@@ -44,7 +44,7 @@ impl Kind {
         }
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -109,6 +109,9 @@ impl Item {
     }
 }
 
+/// Online batches in a row a waiting bulk batch may be passed over for.
+pub const ONLINE_STREAK: u32 = 3;
+
 /// Images per compute thread in a bulk batch while online calls arrive: two keep the stream
 /// at more than half its solo rate beside interactive traffic, and an interactive call waits
 /// at most two images' worth (BENCHMARKS.md, "Online before bulk").
@@ -121,6 +124,8 @@ pub const ONLINE_WINDOW: Duration = Duration::from_millis(50);
 pub struct Batch {
     pub kind: Kind,
     pub priority: Priority,
+    /// No other batch was running when this one was formed (it may spread over every core).
+    pub alone: bool,
     pub items: Vec<Item>,
 }
 
@@ -188,7 +193,8 @@ struct State {
     queues: [Lanes; 2],
     /// Cost-weighted images served per kind (for fair sharing).
     served: [f64; 2],
-    /// Bulk batches being computed.
+    /// Batches being computed, and how many of them are bulk.
+    running: usize,
     bulk_running: usize,
     /// When the last online image arrived.
     online_seen: Option<Instant>,
@@ -237,10 +243,12 @@ impl Queues {
 
     /// A worker finished a batch of this priority.
     pub fn batch_done(&self, priority: Priority) {
+        let mut state = self.lock();
+        state.running = state.running.saturating_sub(1);
         if priority == Priority::Bulk {
-            let mut state = self.lock();
             state.bulk_running = state.bulk_running.saturating_sub(1);
             drop(state);
+            // A bulk batch held back for this one may start now.
             self.wake.notify_all();
         }
     }
@@ -336,20 +344,16 @@ impl Queues {
                 }
             }
             let now = Instant::now();
-            let bulk_ok = state.bulk_ok(now);
-            let limit = if bulk_ok && state.online_active(now) {
-                self.bulk_slice
-                    .load(Ordering::Relaxed)
-                    .min(self.max_batch_size)
-            } else {
-                self.max_batch_size
-            };
-            let mut items = Vec::with_capacity(self.max_batch_size);
+            let (bulk_ok, online_active) = (state.bulk_ok(now), state.online_active(now));
             let (priority, lane) = state.queues[k].next_lane(bulk_ok);
             let limit = match priority {
-                Priority::Online => self.max_batch_size,
-                Priority::Bulk => limit,
+                Priority::Bulk if online_active => self
+                    .bulk_slice
+                    .load(Ordering::Relaxed)
+                    .min(self.max_batch_size),
+                _ => self.max_batch_size,
             };
+            let mut items = Vec::with_capacity(limit);
             while items.len() < limit {
                 let Some(item) = lane.pop_front() else {
                     break;
@@ -364,6 +368,8 @@ impl Queues {
                 continue; // everything picked was stale; look again
             }
             state.served[k] += items.len() as f64 * self.cost[k];
+            let alone = state.running == 0;
+            state.running += 1;
             if priority == Priority::Bulk {
                 state.bulk_running += 1;
             }
@@ -376,6 +382,7 @@ impl Queues {
             return Some(Batch {
                 kind,
                 priority,
+                alone,
                 items,
             });
         }
@@ -406,6 +413,21 @@ mod tests {
 
     async fn item(kind: Kind, admission: &Admission) -> (Item, oneshot::Receiver<ItemResult>) {
         prioritised(kind, Priority::Online, admission).await
+    }
+
+    /// Embed items of these priorities, with their reply receivers (kept open).
+    async fn embeds(
+        priorities: impl IntoIterator<Item = Priority>,
+        admission: &Admission,
+    ) -> (Vec<Item>, Vec<oneshot::Receiver<ItemResult>>) {
+        let mut items = vec![];
+        let mut receivers = vec![];
+        for priority in priorities {
+            let (i, rx) = prioritised(Kind::Embed, priority, admission).await;
+            items.push(i);
+            receivers.push(rx);
+        }
+        (items, receivers)
     }
 
     async fn prioritised(
@@ -486,16 +508,13 @@ mod tests {
     async fn online_images_go_first_and_bulk_gets_every_fourth_batch() {
         let a = Admission::new(100);
         let q = Queues::new(2, Duration::ZERO, 2.0);
-        let mut keep = vec![];
-        let mut items = vec![];
-        for priority in [Priority::Bulk; 4]
-            .into_iter()
-            .chain([Priority::Online; 10])
-        {
-            let (i, rx) = prioritised(Kind::Embed, priority, &a).await;
-            items.push(i);
-            keep.push(rx);
-        }
+        let (items, _keep) = embeds(
+            [Priority::Bulk; 4]
+                .into_iter()
+                .chain([Priority::Online; 10]),
+            &a,
+        )
+        .await;
         q.set_compute_threads(2);
         q.push(items).unwrap();
         let order: Vec<(Priority, usize)> = (0..7)
@@ -532,21 +551,16 @@ mod tests {
         let a = Admission::new(100);
         let q = Queues::new(8, Duration::ZERO, 2.0);
         q.set_compute_threads(2);
-        let mut keep = vec![];
-        let mut bulk = vec![];
-        for _ in 0..24 {
-            let (i, rx) = prioritised(Kind::Embed, Priority::Bulk, &a).await;
-            bulk.push(i);
-            keep.push(rx);
-        }
+        let (bulk, _keep) = embeds([Priority::Bulk; 24], &a).await;
         // Bulk alone: full batches, several at once.
         q.push(bulk).unwrap();
         let (one, two) = (q.next_batch().unwrap(), q.next_batch().unwrap());
         assert_eq!((one.items.len(), two.items.len()), (8, 8));
         q.batch_done(Priority::Bulk);
         q.batch_done(Priority::Bulk);
-        // An online call arrives: it goes first, then bulk runs one batch of one image per
-        // compute thread, and a second bulk batch waits for the first to finish.
+        // An online call arrives: it goes first, then bulk runs one batch of
+        // BULK_IMAGES_PER_THREAD images per compute thread, and a second bulk batch waits for
+        // the first to finish.
         let (online, _rx) = prioritised(Kind::Embed, Priority::Online, &a).await;
         q.push(vec![online]).unwrap();
         let first = q.next_batch().unwrap();

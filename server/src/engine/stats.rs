@@ -91,7 +91,7 @@ pub struct Statistics {
 impl Statistics {
     /// A request answered, OK or not.
     pub fn request(&self, kind: Kind, ok: bool, times: RequestTimes) {
-        let c = &self.kinds[kind as usize];
+        let c = &self.kinds[kind.index()];
         if !ok {
             c.fail.add(times.total);
             return;
@@ -105,7 +105,7 @@ impl Statistics {
 
     /// A batch of `size` images ran for `model` time.
     pub fn batch(&self, kind: Kind, size: usize, model: Duration) {
-        let c = &self.kinds[kind as usize];
+        let c = &self.kinds[kind.index()];
         c.images.fetch_add(size as u64, Ordering::Relaxed);
         c.batches.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now()
@@ -119,7 +119,7 @@ impl Statistics {
     }
 
     pub fn read(&self, kind: Kind) -> KindStatistics {
-        let c = &self.kinds[kind as usize];
+        let c = &self.kinds[kind.index()];
         let batches = c
             .by_size
             .lock()

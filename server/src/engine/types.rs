@@ -277,20 +277,15 @@ pub enum Task {
 /// How a call is treated: online calls (unary, either protocol) are refused at once when the
 /// server is full (RESOURCE_EXHAUSTED, retry elsewhere) and go first in the batcher; bulk work
 /// (`EmbedStream`) waits for room, paced by flow control, may hold at most
-/// [`BULK_ADMISSION_SHARE`] of the admission slots, and takes the batches online work leaves
-/// (at least one in [`ONLINE_STREAK`] + 1 while both wait, so it never starves).
+/// [`BULK_ADMISSION_SHARE`](crate::engine::admission::BULK_ADMISSION_SHARE) of the admission
+/// slots, and takes the batches online work leaves (at least one in
+/// [`ONLINE_STREAK`](crate::engine::queue::ONLINE_STREAK) + 1 while both wait, so it never
+/// starves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     Online,
     Bulk,
 }
-
-/// Share of `max_queue_images` bulk work may hold (at least one largest request), so a stream
-/// never fills admission and unary calls still find room.
-pub const BULK_ADMISSION_SHARE: f64 = 0.75;
-
-/// Online batches in a row a waiting bulk batch may be passed over for.
-pub const ONLINE_STREAK: u32 = 3;
 
 /// Per-call settings from the transport.
 #[derive(Debug, Clone, Copy)]

@@ -93,11 +93,9 @@ impl Workers {
         } else {
             (None, threading.threads)
         };
-        let running = Arc::new(AtomicUsize::new(0));
         for w in 0..threading.workers {
             let own = compute_pool(own_threads, w)?;
             let wide = wide.clone();
-            let running = Arc::clone(&running);
             let runner = Runner {
                 backend: Arc::clone(&backend),
                 stats: Arc::clone(&stats),
@@ -111,12 +109,10 @@ impl Workers {
                     .spawn(move || {
                         while let Some(batch) = queues.next_batch() {
                             let priority = batch.priority;
-                            let alone = running.fetch_add(1, Ordering::AcqRel) == 0;
                             match &wide {
-                                Some(wide) if alone => wide.install(|| runner.run(batch)),
+                                Some(wide) if batch.alone => wide.install(|| runner.run(batch)),
                                 _ => own.install(|| runner.run(batch)),
                             }
-                            running.fetch_sub(1, Ordering::AcqRel);
                             queues.batch_done(priority);
                         }
                         alive.fetch_sub(1, Ordering::AcqRel);

@@ -15,15 +15,13 @@ use tonic::transport::server::Connected;
 
 use crate::telemetry;
 
-/// A connection holding one of the slots.
+/// A connection holding one of the slots (given back, and counted, when it closes).
 pub struct Counted<T> {
     inner: T,
-    _slot: Slot,
+    _slot: OwnedSemaphorePermit,
 }
 
-struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
-
-impl Drop for Slot {
+impl<T> Drop for Counted<T> {
     fn drop(&mut self) {
         telemetry::connections_open(-1.0);
     }
@@ -44,7 +42,7 @@ where
                     telemetry::connections_open(1.0);
                     Some(Ok(Counted {
                         inner: io,
-                        _slot: Slot(permit),
+                        _slot: permit,
                     }))
                 }
                 Err(_) => {

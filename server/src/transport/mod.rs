@@ -100,15 +100,15 @@ pub fn request_id<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// When the request reached the server, stamped by [`DeadlineLayer`] before tonic starts its
-/// own deadline timer, so every deadline here ends no later than tonic's.
-#[derive(Debug, Clone, Copy)]
-pub struct ArrivedAt(pub Instant);
-
-/// Set once a call's handler has taken charge of it (its [`CallGuard`] counts the outcome), so
-/// [`DeadlineLayer`] counts a deadline only for calls that never got that far.
-#[derive(Debug, Clone, Default)]
-pub struct Handled(Arc<AtomicBool>);
+/// A call's deadline as [`DeadlineLayer`] read it (from `grpc-timeout`, counted from an
+/// instant taken before tonic starts its own timer, so it ends no later than tonic's), and
+/// whether a handler has taken charge of the call (its [`CallGuard`] then counts the outcome,
+/// so the layer counts a deadline only for calls that never got that far).
+#[derive(Debug, Clone)]
+struct CallDeadline {
+    at: Option<Instant>,
+    handled: Arc<AtomicBool>,
+}
 
 /// Every gRPC call's deadline, answered as DEADLINE_EXCEEDED. tonic enforces `grpc-timeout`
 /// itself, outside every layer, and answers an expired call CANCELLED ("Timeout expired"),
@@ -154,9 +154,11 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(parse_timeout)
             .and_then(|d| arrived.checked_add(d));
-        let handled = Handled::default();
-        request.extensions_mut().insert(ArrivedAt(arrived));
-        request.extensions_mut().insert(handled.clone());
+        let handled = Arc::new(AtomicBool::new(false));
+        request.extensions_mut().insert(CallDeadline {
+            at: deadline,
+            handled: Arc::clone(&handled),
+        });
         let inner = self.inner.call(request);
         Box::pin(async move {
             let Some(deadline) = deadline else {
@@ -165,7 +167,7 @@ where
             match engine::within(Some(deadline), async { Ok(inner.await) }).await {
                 Ok(answer) => answer,
                 Err(e) => {
-                    if !handled.0.load(Ordering::Acquire) {
+                    if !handled.load(Ordering::Acquire) {
                         telemetry::dropped("deadline");
                     }
                     Ok(status(e).into_http())
@@ -206,14 +208,10 @@ fn parse_timeout(raw: &str) -> Option<Duration> {
     Some(d)
 }
 
-/// The client's deadline from `grpc-timeout`, counted from arrival.
+/// The client's deadline (`grpc-timeout`), as [`DeadlineLayer`], which every served call
+/// passes, read it on arrival.
 pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
-    let d = parse_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)?;
-    let arrived = request
-        .extensions()
-        .get::<ArrivedAt>()
-        .map_or_else(Instant::now, |a| a.0);
-    arrived.checked_add(d)
+    request.extensions().get::<CallDeadline>()?.at
 }
 
 /// The span of one call, a child of the caller's trace when it sent `traceparent`.
@@ -269,8 +267,8 @@ where
         deadline: deadline(&request),
         priority: Priority::Online,
     };
-    if let Some(handled) = request.extensions().get::<Handled>() {
-        handled.0.store(true, Ordering::Release);
+    if let Some(d) = request.extensions().get::<CallDeadline>() {
+        d.handled.store(true, Ordering::Release);
     }
     let span = request_span(protocol, method, &id, request.metadata());
     let mut guard = CallGuard::new(protocol, method, call.deadline);

@@ -38,14 +38,16 @@ use crate::transport::observe;
 
 const PROTOCOL: &str = "oip.v2";
 
+/// The reserved parameters this server acts on (`with_call_parameters`), also listed in the
+/// model configuration.
+const HONOURED_PARAMETERS: &[&str] = &["timeout", "priority"];
+
 /// Parameters clients of the protocol attach on their own (Triton's and KServe's reserved
 /// names, and any `triton_`-prefixed one, which Triton reserves for its clients, e.g.
-/// perf_analyzer's `triton_enable_empty_final_response`); accepted and ignored, except
-/// `timeout` and `priority`, which are honoured. Any other unknown name is refused, so a typo
-/// is not silently served with defaults.
+/// perf_analyzer's `triton_enable_empty_final_response`); accepted and ignored, except the
+/// [`HONOURED_PARAMETERS`]. Any other unknown name is refused, so a typo is not silently
+/// served with defaults.
 const STANDARD_PARAMETERS: &[&str] = &[
-    "priority",
-    "timeout",
     "sequence_id",
     "sequence_start",
     "sequence_end",
@@ -83,6 +85,14 @@ impl Served {
         match self {
             Served::Embed => &["embedding"],
             Served::Complete => &["reconstruction", "composite", "mask", "masked_patch_mse"],
+        }
+    }
+
+    /// The request parameters of this model's own (beside the protocol's reserved ones).
+    fn parameters(self) -> &'static [&'static str] {
+        match self {
+            Served::Embed => &["pooling", "normalize", "layer"],
+            Served::Complete => &["mask_ratio", "seed"],
         }
     }
 
@@ -226,10 +236,6 @@ fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
             (t.dims.clone(), None)
         }
     };
-    let parameters: &[&str] = match served {
-        Served::Embed => &["pooling", "normalize", "layer", "timeout", "priority"],
-        Served::Complete => &["mask_ratio", "seed", "timeout", "priority"],
-    };
     let gpu = !info.facts.device.starts_with("cpu");
     pb::ModelConfig {
         name: model_name(info, served),
@@ -288,8 +294,10 @@ fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
             gpus: vec![],
             kind: if gpu { Group::Gpu } else { Group::Cpu } as i32,
         }],
-        parameters: parameters
+        parameters: served
+            .parameters()
             .iter()
+            .chain(HONOURED_PARAMETERS)
             .map(|p| {
                 (
                     format!("request_parameter.{p}"),
@@ -368,12 +376,12 @@ fn check_parameters(
     params: &HashMap<String, pb::InferParameter>,
     served: Served,
 ) -> Result<(), ServeError> {
-    let known: &[&str] = match served {
-        Served::Embed => &["pooling", "normalize", "layer"],
-        Served::Complete => &["mask_ratio", "seed"],
-    };
+    let known = served.parameters();
     for name in params.keys() {
-        let reserved = STANDARD_PARAMETERS.contains(&name.as_str()) || name.starts_with("triton_");
+        let name_str = name.as_str();
+        let reserved = HONOURED_PARAMETERS.contains(&name_str)
+            || STANDARD_PARAMETERS.contains(&name_str)
+            || name.starts_with("triton_");
         if !known.contains(&name.as_str()) && !reserved {
             return Err(ServeError::invalid(format!(
                 "unknown parameter `{name}`; this model takes {known:?}"
@@ -646,8 +654,12 @@ async fn infer(
     let info = engine.info()?;
     let served = resolve(info, &req.model_name, &req.model_version)?;
     check_parameters(&req.parameters, served)?;
+    let given = call.deadline;
     let call = with_call_parameters(&req.parameters, call)?;
-    engine::within(call.deadline, run_infer(engine, info, served, req, call)).await
+    // `observe` already answers at the call's own deadline; a second timer only for an
+    // earlier one from the `timeout` parameter.
+    let earlier = call.deadline.filter(|_| call.deadline != given);
+    engine::within(earlier, run_infer(engine, info, served, req, call)).await
 }
 
 async fn run_infer(
