@@ -34,10 +34,18 @@ if [ ! -f "$CUDA_STUBS/libcuda.so" ]; then
   for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
     ln -sf "../$lib" "$CUDA_STUBS/${lib%.so.*}.so"
   done
-  _cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 2>/dev/null | head -n 1)"
+  # cudarc's sources list the driver entry points. A build without the cuda feature never
+  # downloads cudarc, so on a fresh machine it is fetched first (a failed `ls` must not end a
+  # caller running under `set -e -o pipefail`).
+  _cudarc_src() { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 2>/dev/null | head -n 1 || true; }
+  _cudarc="$(_cudarc_src)"
   if [ -z "$_cudarc" ]; then
     (cd "$_cuda_root" && cargo fetch -q)
-    _cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 | head -n 1)"
+    _cudarc="$(_cudarc_src)"
+  fi
+  if [ -z "$_cudarc" ]; then
+    echo "cuda-toolkit.sh: cudarc-0.19.10 is not in the cargo registry after cargo fetch" >&2
+    return 1
   fi
   {
     grep -ohE 'pub unsafe fn cu[A-Za-z0-9_]+\(' "$_cudarc/src/driver/sys/mod.rs" | sed -E 's/pub unsafe fn (cu[A-Za-z0-9_]+)\(/\1/'
@@ -47,3 +55,4 @@ if [ ! -f "$CUDA_STUBS/libcuda.so" ]; then
   ln -sf libcuda.so "$CUDA_STUBS/libcuda.so.1"
 fi
 unset _cuda_root _cuda_venv _cuda_wheels _cudarc
+unset -f _cudarc_src 2>/dev/null || true

@@ -28,6 +28,17 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// HTTP listen address: the Open Inference Protocol's REST form (`/v2/...`) and the
+    /// OpenAI-style `POST /v1/embeddings`, HTTP/1.1 and h2c, same engine and limits as gRPC.
+    /// `off` serves gRPC only.
+    #[arg(long, env = "CRATE_MAE_HTTP_ADDR", default_value = "0.0.0.0:8000", value_parser = parse_optional_addr)]
+    pub http_addr: OptionalAddr,
+
+    /// Seconds an HTTP client may take to send a request's headers and then its body; a
+    /// slower one is answered 408 and closed (a slow-body client holds a connection slot).
+    #[arg(long, env = "CRATE_MAE_HTTP_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub http_read_timeout_secs: u64,
+
     /// Prometheus `/metrics` listen address.
     #[arg(long, env = "CRATE_MAE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
@@ -148,7 +159,7 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_DRAIN_TIMEOUT_SECS", default_value_t = 25)]
     pub drain_timeout_secs: u64,
 
-    /// TLS certificate chain (PEM). With `--tls-key`, gRPC is served over TLS only.
+    /// TLS certificate chain (PEM). With `--tls-key`, gRPC and HTTP are served over TLS only.
     #[arg(long, env = "CRATE_MAE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
@@ -160,7 +171,7 @@ pub struct Config {
     #[arg(long, env = "CRATE_MAE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// Bearer token required on the CrateMae service (environment only, so it stays out of
+    /// Bearer token required on the model services, gRPC and HTTP (environment only, so it stays out of
     /// process listings; or use --auth-token-file).
     #[arg(
         long = "auth-token",
@@ -232,6 +243,19 @@ pub struct ConnectionLimits {
     /// so clients rebalance across replicas; 0: never.
     #[arg(long, env = "CRATE_MAE_MAX_CONNECTION_AGE_SECS", default_value_t = 0)]
     pub max_connection_age_secs: u64,
+}
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s == "off" {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|e| format!("`{s}`: {e} (an address such as 0.0.0.0:8000, or off)"))
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -411,6 +435,9 @@ mod tests {
             (plain.dtype, plain.threading.0, plain.max_batch_size()),
             (Precision::F32, None, 8)
         );
+        assert_eq!(plain.http_addr.0, Some("0.0.0.0:8000".parse().unwrap()));
+        assert_eq!(parse(&["--http-addr", "off"]).unwrap().http_addr.0, None);
+        assert!(parse(&["--http-addr", "8000"]).is_err());
         let gpu = parse(&["--device", "cuda", "--dtype", "bf16", "--threading", "1x4"]).unwrap();
         assert_eq!(gpu.dtype, Precision::Bf16);
         assert_eq!(gpu.max_batch_size(), 64);

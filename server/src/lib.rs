@@ -1,6 +1,7 @@
-//! CRATE-MAE over gRPC.
+//! CRATE-MAE over gRPC and HTTP.
 //!
-//! Data flows one way: a [`transport`] (`cratemae.v1` or the Open Inference Protocol)
+//! Data flows one way: a [`transport`] (`cratemae.v1`, the Open Inference Protocol over gRPC
+//! or REST, OpenAI-style embeddings)
 //! validates and maps a request → the [`engine`] admits it, preprocesses it ([`imaging`]),
 //! queues and batches it → a model worker runs it on the [`engine::Backend`] → the engine
 //! postprocesses → the transport answers. [`telemetry`] holds logs and metrics, [`otel`]
@@ -76,10 +77,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(&config, &engine, health_service, incoming, async {
-        let _ = stop_rx.await;
-    })?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let server = tokio::spawn(serve(
+        &config,
+        &engine,
+        health_service,
+        incoming,
+        stopped(stop_rx.clone()),
+    )?);
+    let http = match config.http_addr.0 {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP on {addr}"))?;
+            tracing::info!(http = %listener.local_addr()?, "listening");
+            let (auth, auth_ops) = guards(&config)?;
+            let state = Arc::new(transport::http::Http::new(
+                Arc::clone(&engine),
+                &config,
+                auth,
+                auth_ops,
+            ));
+            let router = transport::http::router(state);
+            let serving = transport::http::serve(&config, listener, router, stopped(stop_rx))?;
+            Some(tokio::spawn(serving))
+        }
+        None => None,
+    };
 
     // Serve until asked to stop; a model that never loads ends the server with its reason.
     tokio::pin!(shutdown);
@@ -113,8 +140,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     engine.begin_drain();
     report(&health, ServingStatus::NotServing).await;
-    let _ = stop_tx.send(());
-    let drained = tokio::time::timeout(config.drain_timeout(), server).await;
+    let _ = stop_tx.send(true);
+    let both = async {
+        if let Some(http) = http {
+            let _ = http.await;
+        }
+        server.await
+    };
+    let drained = tokio::time::timeout(config.drain_timeout(), both).await;
     engine.shutdown(Duration::from_secs(5));
     otel::shutdown();
     match drained {
@@ -143,6 +176,19 @@ async fn report(health: &HealthReporter, status: ServingStatus) {
     for name in ["", SERVICE_NAME] {
         health.set_service_status(name, status).await;
     }
+}
+
+/// The bearer-token checks: the model services', and the probes' and tools' (open unless
+/// asked otherwise), for both listeners.
+fn guards(config: &Config) -> anyhow::Result<(security::BearerAuth, security::BearerAuth)> {
+    let token = security::load_token(config.auth_token.as_ref(), config.auth_token_file.as_ref())?;
+    let auth = security::BearerAuth::new(token.as_ref());
+    let ops = if config.auth_health_and_reflection {
+        auth.clone()
+    } else {
+        security::BearerAuth::new(None)
+    };
+    Ok((auth, ops))
 }
 
 /// Every gRPC service on the one port: health, reflection, cratemae.v1 and the Open
@@ -187,14 +233,7 @@ fn serve(
     .accept_compressed(Zstd)
     .send_compressed(Gzip)
     .send_compressed(Zstd);
-    let token = security::load_token(config.auth_token.as_ref(), config.auth_token_file.as_ref())?;
-    let auth = security::BearerAuth::new(token.as_ref());
-    // Probes and tools stay open unless asked otherwise; the model services are guarded.
-    let guard_ops = if config.auth_health_and_reflection {
-        auth.clone()
-    } else {
-        security::BearerAuth::new(None)
-    };
+    let (auth, guard_ops) = guards(config)?;
     let c = &config.connections;
     let secs = Duration::from_secs;
     let mirror: fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> =

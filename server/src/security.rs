@@ -80,6 +80,42 @@ pub fn tls_config(
     Ok(config)
 }
 
+/// The same TLS (and mutual TLS) as [`tls_config`], for the HTTP listener: rustls with the
+/// ring provider, ALPN `h2` and `http/1.1`.
+pub fn rustls_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+    let certs = CertificateDer::pem_slice_iter(&read(cert, "TLS certificate")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", cert.display()))?;
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_slice(&read(key, "TLS key")?)
+        .map_err(|e| anyhow::anyhow!("TLS key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca, "client CA")?) {
+                roots.add(c.map_err(|e| anyhow::anyhow!("client CA {}: {e}", ca.display()))?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key_der)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Checks `authorization: Bearer <token>` when a token is configured.
 #[derive(Clone, Default)]
 pub struct BearerAuth {
@@ -98,26 +134,41 @@ impl BearerAuth {
     }
 }
 
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl BearerAuth {
+    /// Checks an `authorization` value (gRPC metadata or an HTTP header); a refusal is
+    /// counted and says what was wrong, never what was expected.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), &'static str> {
         let Some(expected) = &self.digest else {
-            return Ok(request);
+            return Ok(());
         };
-        let refuse = |why: &str| {
+        let refuse = |why| {
             crate::telemetry::auth_failure();
-            Err(Status::unauthenticated(why))
+            Err(why)
         };
-        let Some(header) = request.metadata().get("authorization") else {
-            return refuse("missing `authorization: Bearer <token>` metadata");
+        let Some(header) = authorization else {
+            return refuse("missing `authorization: Bearer <token>`");
         };
-        let Some(presented) = header.as_bytes().strip_prefix(b"Bearer ") else {
+        let Some(presented) = header.strip_prefix(b"Bearer ") else {
             return refuse("`authorization` must be `Bearer <token>`");
         };
         let presented: [u8; 32] = Sha256::digest(presented).into();
         if bool::from(presented.ct_eq(expected.as_ref())) {
-            Ok(request)
+            Ok(())
         } else {
             refuse("invalid bearer token")
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        match self.check(header) {
+            Ok(()) => Ok(request),
+            Err(why) => Err(Status::unauthenticated(why)),
         }
     }
 }

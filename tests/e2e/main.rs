@@ -5,6 +5,7 @@
 mod api;
 mod default_model;
 mod hardening;
+mod http;
 mod http2;
 mod ops;
 mod python;

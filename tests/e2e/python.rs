@@ -1,6 +1,7 @@
 //! The clients backend teams use, against the real server: the Python example client
 //! (`clients/python`, stubs generated from `proto/`) and the Open Inference Protocol through
-//! `tritonclient[grpc]` and the `kserve` SDK (`tests/python`). Each runs from a venv the test
+//! `tritonclient` and the `kserve` SDK, gRPC and REST, and `/v1/embeddings` through the
+//! `openai` SDK (`tests/python`). Each runs from a venv the test
 //! makes on first use under `target/python/` (pinned requirements; PyPI is the only network
 //! used), and must produce the same embeddings as cratemae.v1 `Embed` (1e-6).
 
@@ -21,6 +22,9 @@ fn venv(name: &str, requirements: &str) -> PathBuf {
 
 /// As [`venv`], with the failure as an error (for tools whose wheel a platform may not have).
 fn try_venv(name: &str, requirements: &str) -> Result<PathBuf, String> {
+    // Tests sharing a venv (gRPC and REST through one SDK) must not build it twice at once.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = repo().join("target/python").join(name);
     let wanted = std::fs::read_to_string(repo().join(requirements)).unwrap();
     let stamp = dir.join(".requirements");
@@ -83,9 +87,16 @@ async fn expected_embeddings(client: &mut CrateMaeClient<Channel>, at: &Path) ->
     path
 }
 
-/// Starts the built-in model, then runs `script` with the server's address, the fixtures and
-/// the expected embeddings; it must pass every check.
-async fn run_python(name: &str, requirements: &str, script: &str) {
+/// Which of the server's ports a script talks to.
+#[derive(Clone, Copy)]
+enum Port {
+    Grpc,
+    Http,
+}
+
+/// Starts the built-in model, then runs `script` with the server's address (gRPC or HTTP),
+/// the fixtures and the expected embeddings; it must pass every check.
+async fn run_python(name: &str, requirements: &str, script: &str, port: Port) {
     let python = tokio::task::spawn_blocking({
         let (name, requirements) = (name.to_string(), requirements.to_string());
         move || venv(&name, &requirements)
@@ -102,7 +113,10 @@ async fn run_python(name: &str, requirements: &str, script: &str) {
     let scratch = std::env::temp_dir().join(format!("crate-mae-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let expected = expected_embeddings(&mut client, &scratch).await;
-    let addr = server.grpc.trim_start_matches("http://").to_string();
+    let addr = match port {
+        Port::Grpc => server.grpc.trim_start_matches("http://").to_string(),
+        Port::Http => server.http.to_string(),
+    };
     let out = Command::new(python)
         .arg(repo().join(script))
         .args(["--addr", &addr, "--expected"])
@@ -128,6 +142,7 @@ async fn python_example_client() {
         "client",
         "clients/python/requirements.txt",
         "clients/python/test_client.py",
+        Port::Grpc,
     )
     .await;
 }
@@ -138,6 +153,7 @@ async fn open_inference_protocol_through_tritonclient() {
         "tritonclient",
         "tests/python/requirements-tritonclient.txt",
         "tests/python/oip_tritonclient.py",
+        Port::Grpc,
     )
     .await;
 }
@@ -148,6 +164,40 @@ async fn open_inference_protocol_through_the_kserve_sdk() {
         "kserve",
         "tests/python/requirements-kserve.txt",
         "tests/python/oip_kserve.py",
+        Port::Grpc,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_inference_protocol_rest_through_tritonclient_http() {
+    run_python(
+        "tritonclient",
+        "tests/python/requirements-tritonclient.txt",
+        "tests/python/oip_tritonclient_http.py",
+        Port::Http,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_inference_protocol_rest_through_the_kserve_sdk() {
+    run_python(
+        "kserve",
+        "tests/python/requirements-kserve.txt",
+        "tests/python/oip_kserve_rest.py",
+        Port::Http,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_embeddings_through_the_openai_sdk() {
+    run_python(
+        "openai",
+        "tests/python/requirements-openai.txt",
+        "tests/python/openai_embeddings.py",
+        Port::Http,
     )
     .await;
 }

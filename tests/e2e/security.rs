@@ -36,9 +36,40 @@ async fn bearer_token_guards_the_model_service_but_not_probes() {
         .unwrap()
         .into_inner();
     assert_eq!(ok.embeddings.len(), 1);
+    // The same token on the HTTP model routes; HTTP probes stay open too.
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "crate-mae",
+        "input": format!("data:image/png;base64,{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, png(1))),
+    }))
+    .unwrap();
+    let json = ("Content-Type", "application/json");
+    let refused = http_call(server.http, "POST", "/v1/embeddings", &[json], &body).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("authorization"));
+    let bearer = format!("Bearer {TOKEN}");
+    let allowed = http_call(
+        server.http,
+        "POST",
+        "/v1/embeddings",
+        &[json, ("Authorization", &bearer)],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        allowed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&allowed.body)
+    );
+    let probe = http_call(server.http, "GET", "/v2/health/ready", &[], b"").await;
+    assert_eq!(probe.status, 200, "HTTP probes need no token");
     assert_eq!(
         metric(&server.scrape().await, "cratemae_auth_failures_total"),
-        Some(2.0)
+        Some(3.0)
     );
 
     // Guarding probes too is opt-in.
@@ -192,5 +223,46 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
             .is_err(),
     };
     assert!(plain, "plaintext got through a TLS-only port");
+
+    // The HTTP listener has the same TLS: curl with the client certificate gets in, curl
+    // without it does not, nor does plaintext.
+    std::fs::write(pki.dir.join("client.pem"), &pki.client_cert).unwrap();
+    std::fs::write(pki.dir.join("client.key"), &pki.client_key).unwrap();
+    let url = format!("https://localhost:{}/v2/health/ready", server.http.port());
+    let with_cert = curl_status(
+        &ca,
+        &[
+            "--cert",
+            &path("client.pem"),
+            "--key",
+            &path("client.key"),
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(with_cert, "200", "HTTPS with a client certificate");
+    let without = curl_status(&ca, &[&url]).await;
+    assert_ne!(without, "200", "HTTPS without a client certificate");
+    let plaintext = curl_status(&ca, &[&url.replace("https://", "http://")]).await;
+    assert_ne!(plaintext, "200", "plaintext HTTP on a TLS port");
     let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// The HTTP status curl got (`000` when it got none), trusting `ca`.
+async fn curl_status(ca: &str, args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            ca,
+        ])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

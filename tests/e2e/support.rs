@@ -61,6 +61,8 @@ pub enum Weights {
 pub struct Server {
     pub child: Child,
     pub grpc: String,
+    /// The HTTP listener (OIP REST, OpenAI-style embeddings).
+    pub http: SocketAddr,
     pub metrics: SocketAddr,
     /// Client TLS settings when the server was started with TLS.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
@@ -73,13 +75,15 @@ impl Server {
     }
 
     pub async fn launch(weights: Weights, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let (gp, mp) = (free_port(), free_port());
+        let (gp, mp, hp) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crate-mae-server"));
         let size = IMAGE_SIZE.to_string();
         let max_images = MAX_IMAGES.to_string();
         let grpc_addr = format!("127.0.0.1:{gp}");
         let metrics_addr = format!("127.0.0.1:{mp}");
+        let http_addr = format!("127.0.0.1:{hp}");
         let defaults = [
+            ("--http-addr", http_addr.as_str()),
             ("--image-size", size.as_str()),
             ("--grpc-addr", grpc_addr.as_str()),
             ("--metrics-addr", metrics_addr.as_str()),
@@ -107,6 +111,7 @@ impl Server {
         Self {
             child,
             grpc: format!("http://127.0.0.1:{gp}"),
+            http: http_addr.parse().unwrap(),
             metrics: format!("127.0.0.1:{mp}").parse().unwrap(),
             tls: None,
         }
@@ -228,6 +233,95 @@ impl Server {
             .status()
             .unwrap();
         assert!(ok.success());
+    }
+}
+
+/// An HTTP/1.1 answer, read whole.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}), status {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP/1.1 request on a connection of its own (`Connection: close`), as raw bytes: the
+/// tests need clients that send what real clients would not.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    read_reply(&mut s).await
+}
+
+/// A JSON POST.
+pub async fn http_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> HttpReply {
+    let body = serde_json::to_vec(body).unwrap();
+    http_call(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+    .await
+}
+
+/// Reads an HTTP/1.1 answer until the server closes the connection.
+pub async fn read_reply(s: &mut tokio::net::TcpStream) -> HttpReply {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    HttpReply {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
     }
 }
 

@@ -505,10 +505,10 @@ impl Engine {
 
 /// Runs `work` until `deadline`, then answers DEADLINE_EXCEEDED. The clock is read before the
 /// timer is polled, so a caller whose own timer fired at the same deadline sees this answer.
-pub async fn within<T>(
+pub async fn within<T, E: From<ServeError>>(
     deadline: Option<Instant>,
-    work: impl Future<Output = Result<T, ServeError>>,
-) -> Result<T, ServeError> {
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     let Some(deadline) = deadline else {
         return work.await;
     };
@@ -521,7 +521,8 @@ pub async fn within<T>(
         if Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
             return std::task::Poll::Ready(Err(ServeError::DeadlineExceeded(
                 "deadline expired before the answer was ready".into(),
-            )));
+            )
+            .into()));
         }
         std::task::Poll::Pending
     })

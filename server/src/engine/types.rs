@@ -38,6 +38,21 @@ pub enum MaskSpec {
     Patches(Vec<u32>),
 }
 
+impl MaskSpec {
+    /// The mask ratio a completion uses when the request names none (the paper's 0.75).
+    pub const DEFAULT_RATIO: f32 = 0.75;
+
+    /// The random mask of image `index` in a request that gives one `seed` for all its
+    /// images: `seed + index`, so a request's masks differ from each other and the same
+    /// request always gets the same masks. Every protocol and client draws masks this way.
+    pub fn random_in_request(ratio: Option<f32>, seed: u64, index: usize) -> Self {
+        Self::Random {
+            ratio: ratio.unwrap_or(Self::DEFAULT_RATIO),
+            seed: seed.wrapping_add(index as u64),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CompleteRequest {
     /// Each image with its own mask.

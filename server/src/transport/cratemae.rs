@@ -138,15 +138,9 @@ async fn complete(
             .ok_or_else(|| ServeError::invalid("no image: set `image`"))?,
     )?;
     let mask = if req.masked_patches.is_empty() {
-        let ratio = if req.mask_ratio == 0.0 {
-            0.75
-        } else {
-            req.mask_ratio
-        };
-        MaskSpec::Random {
-            ratio,
-            seed: req.seed,
-        }
+        // proto3: an unset ratio reads 0, which means the default.
+        let ratio = Some(req.mask_ratio).filter(|&r| r != 0.0);
+        MaskSpec::random_in_request(ratio, req.seed, 0)
     } else {
         MaskSpec::Patches(req.masked_patches)
     };

@@ -1,12 +1,14 @@
 //! The protocols in front of the engine: [`cratemae`] (this project's `cratemae.v1`) and
-//! [`oip`] (KServe's Open Inference Protocol v2), on the same port, same queues.
+//! [`oip`] (KServe's Open Inference Protocol v2) on the gRPC port, and [`http`] (the Open
+//! Inference Protocol's REST form and OpenAI-style embeddings) on the HTTP port; same queues.
 //!
-//! What both share lives here: the request id, the client's deadline, the request span,
+//! What all share lives here: the request id, the client's deadline, the request span,
 //! the request metrics, the model's identity on every response, and the mapping from engine
 //! errors to gRPC status codes.
 
 pub mod connections;
 pub mod cratemae;
+pub mod http;
 pub mod oip;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +26,12 @@ use crate::telemetry;
 
 /// The gRPC status for an engine error: the code a client can act on, the message as is.
 pub fn status(e: ServeError) -> Status {
-    let code = match &e {
+    Status::new(code(&e), e.to_string())
+}
+
+/// The gRPC code of an engine error (also the `code` label of every protocol's metrics).
+pub fn code(e: &ServeError) -> Code {
+    match e {
         ServeError::InvalidArgument(_) => Code::InvalidArgument,
         ServeError::OutOfRange(_) => Code::OutOfRange,
         ServeError::NotFound(_) => Code::NotFound,
@@ -35,8 +42,7 @@ pub fn status(e: ServeError) -> Status {
         ServeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServeError::Cancelled(_) => Code::Cancelled,
         ServeError::Internal(_) => Code::Internal,
-    };
-    Status::new(code, e.to_string())
+    }
 }
 
 const DEADLINE_SLACK: Duration = Duration::from_millis(2);
@@ -91,10 +97,12 @@ impl Drop for CallGuard {
 
 /// The request id from `x-request-id` (if sane), or a new one.
 pub fn request_id<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
+    request_id_of(request.metadata().get("x-request-id").map(|v| v.as_bytes()))
+}
+
+/// The request id a client sent (if sane), or a new one.
+pub fn request_id_of(sent: Option<&[u8]>) -> String {
+    sent.and_then(|v| std::str::from_utf8(v).ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -132,13 +140,13 @@ pub struct Deadlines<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Deadlines<S>
+impl<S, B> tower::Service<::http::Request<B>> for Deadlines<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<::http::Request<B>, Response = ::http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = ::http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
 
@@ -146,7 +154,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: ::http::Request<B>) -> Self::Future {
         let arrived = Instant::now();
         let deadline = request
             .headers()
@@ -181,7 +189,7 @@ where
 /// gets its response compressed the same way; any other keeps identity, even when the client
 /// advertises more (Python's grpcio advertises gzip on every call, and compressing each
 /// response would cost the model's cores for nothing on a fast network).
-pub fn mirror_compression<B>(mut request: http::Request<B>) -> http::Request<B> {
+pub fn mirror_compression<B>(mut request: ::http::Request<B>) -> ::http::Request<B> {
     let compressed = request
         .headers()
         .get("grpc-encoding")
@@ -229,25 +237,27 @@ pub fn request_span(
 /// Adds the request id and the model's identity (name, version, weights SHA-256) to response
 /// metadata, so a client can tell which model answered, even mid-rollout.
 pub fn identify(engine: &Engine, id: &str, metadata: &mut MetadataMap) {
-    if let Ok(v) = MetadataValue::try_from(id) {
-        metadata.insert("x-request-id", v);
+    for (key, value) in identity(engine, id) {
+        if let Ok(v) = MetadataValue::try_from(value) {
+            metadata.insert(key, v);
+        }
     }
+}
+
+/// The request id and the model's identity, as header names and values (the HTTP
+/// transports send the same headers as gRPC's metadata).
+pub fn identity(engine: &Engine, id: &str) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("x-request-id", id.to_string())];
     if let Ok(info) = engine.info() {
-        let identity = [
+        headers.extend([
             ("x-model-name", info.name.clone()),
             ("x-model-version", info.version()),
             // Empty (and so left out) for a random-init model.
             ("x-model-sha256", info.facts.weights.sha256.clone()),
-        ];
-        for (key, value) in identity {
-            if value.is_empty() {
-                continue;
-            }
-            if let Ok(v) = MetadataValue::try_from(value) {
-                metadata.insert(key, v);
-            }
-        }
+        ]);
     }
+    headers.retain(|(_, value)| !value.is_empty());
+    headers
 }
 
 /// Runs one unary call: span, metrics, deadline, request id and model identity.
