@@ -44,8 +44,9 @@ RUN groupadd --system --gid 10001 cratemae \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
 COPY --from=build /out/ /usr/local/bin/
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 ENV CRATE_MAE_GRPC_ADDR=0.0.0.0:50051 \
+    CRATE_MAE_HTTP_ADDR=0.0.0.0:8000 \
     CRATE_MAE_METRICS_ADDR=0.0.0.0:9090 \
     CRATE_MAE_LOG_FORMAT=json
 STOPSIGNAL SIGTERM
@@ -86,8 +87,9 @@ RUN groupadd --system --gid 10001 cratemae \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cratemae
 COPY --from=build-cuda /out/ /usr/local/bin/
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 ENV CRATE_MAE_GRPC_ADDR=0.0.0.0:50051 \
+    CRATE_MAE_HTTP_ADDR=0.0.0.0:8000 \
     CRATE_MAE_METRICS_ADDR=0.0.0.0:9090 \
     CRATE_MAE_LOG_FORMAT=json \
     CRATE_MAE_DEVICE=cuda \

@@ -281,9 +281,9 @@ open(sys.argv[2], "w").write("\n".join(out) + "\n")
 PYEOF
 DRAIN_TIMEOUT_SECS=$(sed -n 's/^CRATE_MAE_DRAIN_TIMEOUT_SECS=//p' "$scratch/env")
 DRAIN_TIMEOUT_SECS=${DRAIN_TIMEOUT_SECS:-25}
-read -r grpc_port metrics_port < <(python3 -c '
+read -r grpc_port metrics_port http_port < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
@@ -310,12 +310,13 @@ if [ ! -d /run/systemd/system ]; then
   run_extra+=(--no-healthcheck)
 fi
 
-log "run (uid 10001, read-only root, cap-drop ALL, no-new-privileges, host network: gRPC $grpc_port, metrics $metrics_port)"
+log "run (uid 10001, read-only root, cap-drop ALL, no-new-privileges, host network: gRPC $grpc_port, HTTP $http_port, metrics $metrics_port)"
 "${NICE[@]}" "${PODMAN[@]}" run -d --name "$NAME" --network host \
   --user 10001:10001 --read-only --read-only-tmpfs=false --tmpfs /tmp:rw,size=64m,mode=1777 \
   --cap-drop ALL --security-opt no-new-privileges --memory 2g \
   --env-file "$scratch/env" "${run_extra[@]}" \
-  "$IMAGE" --grpc-addr "127.0.0.1:$grpc_port" --metrics-addr "127.0.0.1:$metrics_port" >/dev/null
+  "$IMAGE" --grpc-addr "127.0.0.1:$grpc_port" --http-addr "127.0.0.1:$http_port" \
+  --metrics-addr "127.0.0.1:$metrics_port" >/dev/null
 
 serving=
 for _ in $(seq 1 150); do
@@ -347,6 +348,14 @@ check "liveness service \"\" is SERVING" "$CLI" --addr "$addr" --timeout 5 healt
 check "Embed" embed
 check "Complete" complete "$scratch/complete.png"
 check "/metrics has cratemae_requests_total" metrics
+# One HTTP call: OpenAI-style embeddings of a fixture, as the README's curl example sends it.
+http_embed() {
+  local out
+  out=$(curl -fsS --max-time 30 "http://127.0.0.1:$http_port/v1/embeddings" -H 'Content-Type: application/json' \
+    -d '{"model": "crate-mae", "input": "data:image/png;base64,'"$(base64 -w0 tests/fixtures/fashion-mnist/00000-ankle-boot.png)"'"}') \
+    && python3 -c 'import json, sys; d = json.load(sys.stdin)["data"]; sys.exit(len(d) != 1 or len(d[0]["embedding"]) < 1)' <<<"$out"
+}
+check "HTTP: POST /v1/embeddings" http_embed
 
 # The image's own HEALTHCHECK command, inside the container, with the port this run uses.
 mapfile -t hc < <(python3 -c '

@@ -16,9 +16,11 @@ it in a venv of its own.
    integer belongs, a bare boolean as an annotation value) or a missing required field fails.
 2. What the schema cannot say, from KServe's and Knative's source (KServe's default
    "Serverless" mode runs the predictor as a Knative Service):
-   - the model server container is `kserve-container`; `protocolVersions` has `grpc-v2`;
-   - one container port (Knative refuses more), named `h2c` for gRPC, not a port the
-     queue-proxy or KServe's agents hold in the pod; no `lifecycle` (Knative refuses it);
+   - the model server container is `kserve-container`; `protocolVersions` is `grpc-v2` (gRPC)
+     or `v2` (REST): one port serves one of them;
+   - one container port (Knative refuses more), named `h2c` for gRPC or `http1` for REST, not
+     a port the queue-proxy or KServe's agents hold in the pod, with native gRPC or HTTP
+     probes on it; no `lifecycle` (Knative refuses it);
    - the args read the model from /mnt/models, where KServe puts the storageUri's contents;
      the ports in the args match the declared port and the Prometheus annotations;
    - {{...}} placeholders are ones KServe can render (the InferenceService's metadata);
@@ -194,17 +196,32 @@ def addr_port(addr):
     return int(m.group(1)) if m else None
 
 
-def check_container(c, where, errors, grpc):
+# What each protocol a runtime serves needs of its one port: the port's name (Knative and KServe
+# read it as the protocol), the server flag that sets it, and the probe kind on it.
+SERVED = {
+    "grpc-v2": {"port_name": "h2c", "flag": "--grpc-addr", "probe": "grpc"},
+    "v2": {"port_name": "http1", "flag": "--http-addr", "probe": "httpGet"},
+}
+
+
+def served_protocol(protocols):
+    """The one protocol of SERVED a runtime declares, or None."""
+    served = [p for p in protocols if p in SERVED]
+    return served[0] if len(served) == 1 else None
+
+
+def check_container(c, where, errors, protocol):
+    need = SERVED[protocol]
     for key in sorted(set(c) - KNATIVE_CONTAINER_FIELDS):
         errors.append(f"{where}.{key}: Knative (KServe's Serverless mode) refuses this field")
     ports = c.get("ports") or []
     if len(ports) != 1:
-        errors.append(f"{where}.ports: exactly one port, the gRPC one (Knative refuses a second "
-                      f"and KServe routes to the first); got {len(ports)}")
+        errors.append(f"{where}.ports: exactly one port, the {protocol} one (Knative refuses a "
+                      f"second and KServe routes to the first); got {len(ports)}")
     port = ports[0] if ports else {}
-    if grpc and port.get("name") != "h2c":
-        errors.append(f"{where}.ports[0].name: must be h2c for grpc-v2 (KServe and Knative take "
-                      f"the name as the protocol), got {port.get('name')!r}")
+    if port.get("name") != need["port_name"]:
+        errors.append(f"{where}.ports[0].name: must be {need['port_name']} for {protocol} (KServe "
+                      f"and Knative take the name as the protocol), got {port.get('name')!r}")
     if port.get("protocol", "TCP") != "TCP":
         errors.append(f"{where}.ports[0].protocol: must be TCP")
     number = port.get("containerPort")
@@ -216,15 +233,22 @@ def check_container(c, where, errors, grpc):
         if p is None:
             errors.append(f"{where}.{probe}: missing (the server has gRPC health for it)")
             continue
-        g = p.get("grpc")
+        g = p.get(need["probe"])
         if g is None:
-            errors.append(f"{where}.{probe}: use the native gRPC probe")
+            errors.append(f"{where}.{probe}: use the native {need['probe']} probe on the {protocol} port")
         elif g.get("port") != number:
-            errors.append(f"{where}.{probe}.grpc.port: {g.get('port')} is not the gRPC port {number}")
-    ready = ((c.get("readinessProbe") or {}).get("grpc") or {}).get("service")
-    if ready != "cratemae.v1.CrateMae":
-        errors.append(f"{where}.readinessProbe.grpc.service: must be cratemae.v1.CrateMae (serving "
-                      f"once the model is loaded and warmed), got {ready!r}")
+            errors.append(f"{where}.{probe}.{need['probe']}.port: {g.get('port')} is not the "
+                          f"{protocol} port {number}")
+    if protocol == "grpc-v2":
+        ready = ((c.get("readinessProbe") or {}).get("grpc") or {}).get("service")
+        if ready != "cratemae.v1.CrateMae":
+            errors.append(f"{where}.readinessProbe.grpc.service: must be cratemae.v1.CrateMae "
+                          f"(serving once the model is loaded and warmed), got {ready!r}")
+    else:
+        ready = ((c.get("readinessProbe") or {}).get("httpGet") or {}).get("path")
+        if ready != "/v2/health/ready":
+            errors.append(f"{where}.readinessProbe.httpGet.path: must be /v2/health/ready (200 "
+                          f"once the model is loaded and warmed), got {ready!r}")
     sc = c.get("securityContext") or {}
     for key in sorted(set(sc) - KNATIVE_SECURITY_FIELDS):
         errors.append(f"{where}.securityContext.{key}: Knative refuses this field")
@@ -263,8 +287,11 @@ def check_runtime(doc, where, errors):
     for p in protocols:
         if p not in PROTOCOLS:
             errors.append(f"{where}.spec.protocolVersions: {p!r} is not one of {sorted(PROTOCOLS)}")
-    if "grpc-v2" not in protocols:
-        errors.append(f"{where}.spec.protocolVersions: must contain grpc-v2, got {protocols}")
+    protocol = served_protocol(protocols)
+    if protocol is None:
+        errors.append(f"{where}.spec.protocolVersions: must be one of {sorted(SERVED)} (one port "
+                      f"serves one protocol), got {protocols}")
+        return
     formats = spec.get("supportedModelFormats") or []
     if not formats:
         errors.append(f"{where}.spec.supportedModelFormats: empty")
@@ -276,7 +303,7 @@ def check_runtime(doc, where, errors):
         return
     i = named[0]
     c, cw = containers[i], f"{where}.spec.containers[{i}]"
-    check_container(c, cw, errors, "grpc-v2" in protocols)
+    check_container(c, cw, errors, protocol)
     args = c.get("args") or []
     if not any("/mnt/models" in a for a in args):
         errors.append(f"{cw}.args: nothing reads /mnt/models, where KServe puts the model")
@@ -285,10 +312,11 @@ def check_runtime(doc, where, errors):
         errors.append(f"{cw}.args: {name} given twice (the server refuses it)")
     if not (seen.get("--weights") or "").startswith("/mnt/models/"):
         errors.append(f"{cw}.args: --weights must point into /mnt/models, got {seen.get('--weights')!r}")
-    grpc_port = addr_port(seen.get("--grpc-addr"))
+    flag = SERVED[protocol]["flag"]
+    served_port = addr_port(seen.get(flag))
     number = ((c.get("ports") or [{}])[0]).get("containerPort")
-    if grpc_port is not None and grpc_port != number:
-        errors.append(f"{cw}.args: --grpc-addr port {grpc_port} is not the declared port {number}")
+    if served_port != number:
+        errors.append(f"{cw}.args: {flag} port {served_port} is not the declared port {number}")
     annotations = spec.get("annotations") or {}
     prom_port, prom_path = annotations.get("prometheus.kserve.io/port"), annotations.get("prometheus.kserve.io/path")
     if not (isinstance(prom_port, str) and prom_port.isdigit()):
@@ -341,8 +369,9 @@ def check_inference_service(doc, where, runtimes, errors):
         return
     rspec = runtime.get("spec") or {}
     protocol = model.get("protocolVersion")
-    if protocol != "grpc-v2" or protocol not in (rspec.get("protocolVersions") or []):
-        errors.append(f"{mw}.protocolVersion: must be grpc-v2, which the runtime serves; got {protocol!r}")
+    if protocol not in SERVED or protocol not in (rspec.get("protocolVersions") or []):
+        errors.append(f"{mw}.protocolVersion: must be the protocol the runtime serves "
+                      f"({rspec.get('protocolVersions')}); got {protocol!r}")
     fmt = model.get("modelFormat") or {}
     if not any(f.get("name") == fmt.get("name")
                and (fmt.get("version") is None or f.get("version") == fmt.get("version"))
@@ -441,6 +470,7 @@ def mutate(docs, file, fn):
 def self_test(docs):
     """Each variant breaks one thing; each must be refused with the expected message."""
     rt, isvc, gpu = "cluster-serving-runtime.yaml", "inference-service.yaml", "inference-service-gpu.yaml"
+    rest, rest_isvc = "cluster-serving-runtime-rest.yaml", "inference-service-rest.yaml"
     kc = lambda d: d["spec"]["containers"][0]
     model = lambda d: d["spec"]["predictor"]["model"]
 
@@ -462,7 +492,17 @@ def self_test(docs):
         ("port name", rt, lambda d: kc(d)["ports"][0].update(name="grpc"), "must be h2c"),
         ("second port", rt, lambda d: kc(d)["ports"].append({"name": "metrics", "containerPort": 8082}),
          "exactly one port"),
-        ("protocol", rt, lambda d: d["spec"].update(protocolVersions=["v2"]), "must contain grpc-v2"),
+        ("both protocols on one port", rt, lambda d: d["spec"].update(protocolVersions=["v2", "grpc-v2"]),
+         "one port serves one protocol"),
+        ("REST port name", rest, lambda d: kc(d)["ports"][0].update(name="h2c"), "must be http1"),
+        ("REST probe of the wrong kind", rest, lambda d: kc(d).update(
+            readinessProbe={"grpc": {"port": 8000}}), "native httpGet probe"),
+        ("REST readiness on liveness", rest, lambda d: kc(d)["readinessProbe"]["httpGet"].update(
+            path="/v2/health/live"), "/v2/health/ready"),
+        ("HTTP port out of step", rest, lambda d: set_arg(d, "--http-addr", "0.0.0.0:8081"),
+         "is not the declared port"),
+        ("service protocol the runtime lacks", rest_isvc, lambda d: model(d).update(protocolVersion="grpc-v2"),
+         "must be the protocol the runtime serves"),
         ("model path", rt, lambda d: kc(d).update(args=[a for a in kc(d)["args"] if "/mnt/models" not in a]),
          "/mnt/models"),
         ("metrics on the queue-proxy's port", rt, lambda d: (

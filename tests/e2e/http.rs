@@ -399,7 +399,9 @@ async fn hostile_http_gets_clear_refusals_and_the_server_keeps_serving() {
     let infer = "/v2/models/crate-mae/infer";
     let json_type = [("Content-Type", "application/json")];
     let good = json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(&png(5))]}]});
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    // What is sent (headers, body), and the status and message part expected.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("bad JSON", json_type.to_vec(), b"{\"inputs\": [".to_vec(), 400, "not valid inference JSON"),
         ("JSON of the wrong shape", json_type.to_vec(), b"[1, 2]".to_vec(), 400, "not valid inference JSON"),
         ("a form body", vec![("Content-Type", "application/x-www-form-urlencoded")], b"a=b".to_vec(), 415, "application/json"),

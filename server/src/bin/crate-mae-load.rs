@@ -1,7 +1,9 @@
-//! `crate-mae-load`: a ghz-like load generator for the CRATE-MAE gRPC server.
+//! `crate-mae-load`: a ghz-like load generator for the CRATE-MAE server, gRPC or HTTP.
 //!
 //! `--concurrency` workers issue `Embed` (or `Complete`) calls back to back, spread round-robin
-//! over `--connections` HTTP/2 channels and over the given images, until `--total` requests
+//! over `--connections` HTTP/2 channels and over the given images, or the same embeddings over
+//! HTTP (`--call rest-json`, `rest-binary`, `openai`, with `--addr` the HTTP port's URL; HTTP/1.1
+//! keep-alive connections, one per request in flight, bodies built before the run), until `--total` requests
 //! have been issued or `--duration` has passed (whichever comes first), optionally capped at
 //! `--rps` requests per second overall. Every request's latency goes into an HDR histogram;
 //! the report (stdout, and optionally JSON) has ghz's summary, latency percentiles of the OK
@@ -90,6 +92,12 @@ enum CallKind {
     /// Bulk work: each request is one EmbedStream call of `--stream-messages` messages.
     EmbedStream,
     Complete,
+    /// OIP REST `infer`, JSON (images as base64), over HTTP/1.1.
+    RestJson,
+    /// OIP REST `infer` with Triton's binary-data extension both ways.
+    RestBinary,
+    /// `POST /v1/embeddings` (images as data URIs).
+    Openai,
 }
 
 impl CallKind {
@@ -98,7 +106,135 @@ impl CallKind {
             CallKind::Embed => "embed",
             CallKind::EmbedStream => "embed-stream",
             CallKind::Complete => "complete",
+            CallKind::RestJson => "rest-json",
+            CallKind::RestBinary => "rest-binary",
+            CallKind::Openai => "openai",
         }
+    }
+
+    fn http(self) -> bool {
+        matches!(
+            self,
+            CallKind::RestJson | CallKind::RestBinary | CallKind::Openai
+        )
+    }
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// The HTTP calls: one prepared request body per starting image (request `i` starts at image
+/// `i × images-per-request`), so the run measures the server, not the client's encoding.
+struct HttpTarget {
+    client: HttpClient,
+    uri: http::Uri,
+    bodies: Vec<(bytes::Bytes, Option<usize>)>,
+}
+
+impl HttpTarget {
+    fn new(call: CallKind, base: &str, files: &[Vec<u8>], n: usize) -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        let b64 = |f: &Vec<u8>| base64::engine::general_purpose::STANDARD.encode(f);
+        let path = match call {
+            CallKind::Openai => "/v1/embeddings",
+            _ => "/v2/models/crate-mae/infer",
+        };
+        let uri: http::Uri = format!("{}{path}", base.trim_end_matches('/'))
+            .parse()
+            .with_context(|| format!("--addr {base} is not an HTTP URL"))?;
+        let bodies = (0..files.len())
+            .map(|start| {
+                let batch: Vec<&Vec<u8>> = (0..n).map(|j| &files[(start + j) % files.len()]).collect();
+                match call {
+                    CallKind::Openai => {
+                        let input: Vec<String> = batch
+                            .iter()
+                            .map(|f| format!("data:image/png;base64,{}", b64(f)))
+                            .collect();
+                        let body = json!({"model": "crate-mae", "input": input});
+                        (serde_json::to_vec(&body).unwrap().into(), None)
+                    }
+                    CallKind::RestJson => {
+                        let data: Vec<String> = batch.iter().map(|f| b64(f)).collect();
+                        let body = json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [n], "data": data}]});
+                        (serde_json::to_vec(&body).unwrap().into(), None)
+                    }
+                    _ => {
+                        let mut tensor = Vec::new();
+                        for f in &batch {
+                            tensor.extend_from_slice(&(f.len() as u32).to_le_bytes());
+                            tensor.extend_from_slice(f);
+                        }
+                        let head = json!({
+                            "parameters": {"binary_data_output": true},
+                            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [n],
+                                        "parameters": {"binary_data_size": tensor.len()}}],
+                        });
+                        let mut body = serde_json::to_vec(&head).unwrap();
+                        let length = body.len();
+                        body.extend_from_slice(&tensor);
+                        (body.into(), Some(length))
+                    }
+                }
+            })
+            .collect();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Ok(Self {
+            client,
+            uri,
+            bodies,
+        })
+    }
+
+    /// One call; an answer other than 200 is the gRPC status its HTTP status maps to.
+    async fn call(&self, start: usize, auth: Option<&str>) -> Result<(), Status> {
+        use http_body_util::BodyExt;
+        let (body, json_length) = &self.bodies[start % self.bodies.len()];
+        let mut request = http::Request::post(self.uri.clone());
+        request = match json_length {
+            Some(n) => request
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", n.to_string()),
+            None => request.header("content-type", "application/json"),
+        };
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let request = request
+            .body(http_body_util::Full::new(body.clone()))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| Status::unavailable(format!("HTTP: {e}")))?;
+        let status = response.status();
+        let answer = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Status::unavailable(format!("HTTP body: {e}")))?
+            .to_bytes();
+        if status == http::StatusCode::OK {
+            return Ok(());
+        }
+        let code = match status.as_u16() {
+            400 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            404 => Code::NotFound,
+            413 | 429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            504 => Code::DeadlineExceeded,
+            _ => Code::Unknown,
+        };
+        Err(Status::new(
+            code,
+            format!("HTTP {status}: {}", String::from_utf8_lossy(&answer)),
+        ))
     }
 }
 
@@ -114,6 +250,8 @@ struct Shared {
     images_per_request: usize,
     stream_messages: u64,
     clients: Vec<CrateMaeClient<Channel>>,
+    /// The HTTP calls (`--call rest-json`, `rest-binary`, `openai`).
+    http: Option<HttpTarget>,
     /// Index of the next request to issue.
     next: AtomicU64,
     /// Request limit (`u64::MAX` when only --duration bounds the run).
@@ -159,9 +297,20 @@ impl Shared {
 
     /// Issues request number `i`; returns the number of images it carried on success.
     async fn issue(&self, i: u64) -> Result<u64, Status> {
-        let mut client = self.clients[(i % self.clients.len() as u64) as usize].clone();
         let call = async {
+            if let Some(http) = &self.http {
+                let n = self.images_per_request as u64;
+                let auth = self.auth.as_ref().and_then(|a| a.to_str().ok());
+                return http
+                    .call(((i * n) % self.images.len() as u64) as usize, auth)
+                    .await
+                    .map(|_| n);
+            }
+            let mut client = self.clients[(i % self.clients.len() as u64) as usize].clone();
             match self.call {
+                CallKind::RestJson | CallKind::RestBinary | CallKind::Openai => {
+                    unreachable!("HTTP calls are issued above")
+                }
                 CallKind::Embed => {
                     let n = self.images_per_request as u64;
                     let request = pb::EmbedRequest {
@@ -467,9 +616,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let auth = args.server.bearer()?;
+    let http = if args.call.http() {
+        let files: Vec<Vec<u8>> = images.iter().map(|i| i.encoded.clone()).collect();
+        let n = args.images_per_request as usize;
+        Some(HttpTarget::new(args.call, &args.server.addr, &files, n)?)
+    } else {
+        None
+    };
     let endpoint = args.server.endpoint(Duration::from_secs(10))?;
     let mut clients = Vec::with_capacity(args.connections as usize);
-    for _ in 0..args.connections {
+    for _ in 0..if http.is_some() { 0 } else { args.connections } {
         // Each `connect` opens its own HTTP/2 connection.
         let channel = endpoint
             .connect()
@@ -490,6 +646,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         images_per_request: args.images_per_request as usize,
         stream_messages: u64::from(args.stream_messages),
         clients,
+        http,
         next: AtomicU64::new(0),
         total: if args.total == 0 {
             u64::MAX

@@ -239,10 +239,10 @@ async fn config(
 
 fn statistics_json(s: &pb::ModelStatistics) -> Value {
     let d = |t: &Option<pb::StatisticDuration>| {
-        let t = t.clone().unwrap_or_default();
+        let t = t.unwrap_or_default();
         json!({"count": t.count, "ns": t.ns})
     };
-    let i = s.inference_stats.clone().unwrap_or_default();
+    let i = s.inference_stats.unwrap_or_default();
     json!({
         "name": s.name,
         "version": s.version,
