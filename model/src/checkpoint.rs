@@ -50,6 +50,15 @@ impl TensorSpec {
     }
 }
 
+impl CrateMaeConfig {
+    /// Parameter count of every tensor in the checkpoint (including the unused
+    /// `pos_embed` / `decoder_embed.*`, as the paper's table counts them). Here, beside the
+    /// tensor list it counts, so the configuration needs nothing from this module.
+    pub fn parameter_count(&self) -> usize {
+        tensor_specs(self).iter().map(|s| s.numel()).sum()
+    }
+}
+
 /// Every tensor of an official checkpoint for this configuration, with its shape and
 /// official initialisation. Unused tensors (`pos_embed`, `decoder_embed.*`) are included
 /// because official checkpoints carry them.

@@ -172,15 +172,6 @@ impl CrateMaeConfig {
         Ok(())
     }
 
-    /// Parameter count of every tensor in the checkpoint (including the unused
-    /// `pos_embed` / `decoder_embed.*`, as the paper's table counts them).
-    pub fn parameter_count(&self) -> usize {
-        crate::checkpoint::tensor_specs(self)
-            .iter()
-            .map(|s| s.numel())
-            .sum()
-    }
-
     /// Forward FLOPs of the encoder for one image, counted as the paper does (2 per
     /// multiply-add, three-matmul ISTA): patch embedding `2·L·C·p²·d` plus
     /// `depth · (10·N·d² + 4·N²·d)`. Base: 15.605 GFLOPs.

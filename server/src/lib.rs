@@ -12,6 +12,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod imaging;
+#[cfg(test)]
+mod layering;
 pub mod model_source;
 pub mod otel;
 pub mod security;

@@ -46,6 +46,12 @@ static COMMIT_ON_DEMAND: extern "C" fn() = {
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    // The allocator keeps what loading and warm-up freed for reuse; give it back once the
+    // model is warm, so the memory at rest is the model's.
+    crate_mae_server::engine::set_after_warm_up(|| {
+        // SAFETY: mi_collect only releases memory mimalloc holds free.
+        unsafe { libmimalloc_sys::mi_collect(true) }
+    });
     // On a CPU, gRPC and preprocessing share the cores with the model threads' matmuls: the
     // async runtime stays small there (see `--io-threads`).
     let runtime = tokio::runtime::Builder::new_multi_thread()

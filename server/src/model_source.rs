@@ -10,7 +10,7 @@ use crate_mae::checkpoint::{self, LoadOptions, WeightsFormat, WeightsInfo};
 use crate_mae::{device, init, CrateMae, CrateMaeConfig, Pooling, Precision};
 
 use crate::config::Config;
-use crate::engine::candle::CandleBackend;
+use crate::engine::CandleBackend;
 use crate::engine::ModelFacts;
 
 /// The built-in model's weights (safetensors with the config embedded).

@@ -11,8 +11,12 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
-use crate::engine::queue::Kind;
+/// Log format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// The methods of each protocol, as `(protocol, method)` label pairs.
 pub const METHODS: &[(&str, &[&str])] = &[
@@ -189,13 +193,6 @@ fn register(build: &[(&'static str, String)]) {
             let _ = histogram!("cratemae_request_duration_seconds", "protocol" => *protocol, "method" => *method);
         }
     }
-    for kind in Kind::ALL {
-        let k = kind.label();
-        let _ = histogram!("cratemae_queue_duration_seconds", "kind" => k);
-        let _ = histogram!("cratemae_inference_duration_seconds", "kind" => k);
-        let _ = histogram!("cratemae_batch_size", "kind" => k);
-        gauge!("cratemae_queue_depth", "kind" => k).set(0.0);
-    }
     gauge!("cratemae_inflight_requests").set(0.0);
     for reason in DROP_REASONS {
         counter!("cratemae_dropped_requests_total", "reason" => reason).absolute(0);
@@ -281,19 +278,28 @@ pub fn out_of_memory_split() {
     counter!("cratemae_out_of_memory_splits_total").increment(1);
 }
 
-pub fn queue_depth(kind: Kind, depth: usize) {
-    gauge!("cratemae_queue_depth", "kind" => kind.label()).set(depth as f64);
+/// Registers the per-kind series (the engine's kinds of work, by label) at zero, so
+/// dashboards see every series before the first request.
+pub fn register_kinds(kinds: &[&'static str]) {
+    for &k in kinds {
+        let _ = histogram!("cratemae_queue_duration_seconds", "kind" => k);
+        let _ = histogram!("cratemae_inference_duration_seconds", "kind" => k);
+        let _ = histogram!("cratemae_batch_size", "kind" => k);
+        gauge!("cratemae_queue_depth", "kind" => k).set(0.0);
+    }
 }
 
-pub fn queue_time(kind: Kind, waited: Duration) {
-    histogram!("cratemae_queue_duration_seconds", "kind" => kind.label())
-        .record(waited.as_secs_f64());
+pub fn queue_depth(kind: &'static str, depth: usize) {
+    gauge!("cratemae_queue_depth", "kind" => kind).set(depth as f64);
 }
 
-pub fn batch(kind: Kind, size: usize, took: Duration) {
-    histogram!("cratemae_inference_duration_seconds", "kind" => kind.label())
-        .record(took.as_secs_f64());
-    histogram!("cratemae_batch_size", "kind" => kind.label()).record(size as f64);
+pub fn queue_time(kind: &'static str, waited: Duration) {
+    histogram!("cratemae_queue_duration_seconds", "kind" => kind).record(waited.as_secs_f64());
+}
+
+pub fn batch(kind: &'static str, size: usize, took: Duration) {
+    histogram!("cratemae_inference_duration_seconds", "kind" => kind).record(took.as_secs_f64());
+    histogram!("cratemae_batch_size", "kind" => kind).record(size as f64);
 }
 
 pub fn diagnostics(layers: &[crate_mae::LayerDiagnostics]) {

@@ -8,7 +8,7 @@ use crate::engine::types::{CompleteTask, CompletedPixels, EmbedTask, Embedding, 
 use crate::error::ServeError;
 
 /// A batch of images: `[B, 3, S, S]` normalised pixels, row-major.
-pub struct Pixels<'a> {
+pub struct PixelBatch<'a> {
     pub data: &'a [f32],
     pub batch: usize,
 }
@@ -28,7 +28,7 @@ pub trait Backend: Send + Sync + 'static {
     /// failure to do so must not fail the batch when no image asked for them).
     fn embed(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         tasks: &[&EmbedTask],
         sample: bool,
     ) -> Result<EmbedOutputs, ServeError>;
@@ -36,7 +36,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Completes a batch, each image with its own mask.
     fn complete(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         tasks: &[&CompleteTask],
     ) -> Result<Vec<CompletedPixels>, ServeError>;
 

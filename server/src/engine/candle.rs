@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use crate_mae::{CrateMae, Keep, Mask, Pooling};
 
-use crate::engine::backend::{Backend, EmbedOutputs, Pixels};
+use crate::engine::backend::{Backend, EmbedOutputs, PixelBatch};
 use crate::engine::types::{
-    AttentionMap, CompleteTask, CompletedPixels, EmbedTask, Embedding, ModelFacts,
+    AttentionMap, CompleteTask, CompletedPixels, EmbedTask, Embedding, ImageDiagnostics, ModelFacts,
 };
-use crate::engine::worker::diagnostics_of;
 use crate::error::ServeError;
 
 /// Images of a sampled batch whose diagnostics feed the gauges.
@@ -28,7 +27,7 @@ impl CandleBackend {
         Self { model, facts }
     }
 
-    fn input(&self, pixels: Pixels<'_>) -> Result<Tensor, ServeError> {
+    fn input(&self, pixels: PixelBatch<'_>) -> Result<Tensor, ServeError> {
         let s = self.facts.config.img_size;
         Ok(Tensor::from_slice(
             pixels.data,
@@ -87,7 +86,7 @@ impl Backend for CandleBackend {
 
     fn embed(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         tasks: &[&EmbedTask],
         sample: bool,
     ) -> Result<EmbedOutputs, ServeError> {
@@ -154,7 +153,11 @@ impl Backend for CandleBackend {
             embeddings.push(Embedding {
                 values,
                 patch_tokens,
-                diagnostics: diagnostics_of(encoded.diagnostics.as_deref(), b, task.diagnostics),
+                diagnostics: ImageDiagnostics::asked_for(
+                    encoded.diagnostics.as_deref(),
+                    b,
+                    task.diagnostics,
+                ),
                 attention: task.attention_layer.map(|l| AttentionMap {
                     layer: l,
                     heads,
@@ -172,7 +175,7 @@ impl Backend for CandleBackend {
 
     fn complete(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         tasks: &[&CompleteTask],
     ) -> Result<Vec<CompletedPixels>, ServeError> {
         let input = self.input(pixels)?;
@@ -197,7 +200,11 @@ impl Backend for CandleBackend {
                 reconstruction: reconstruction[b * plane..(b + 1) * plane].to_vec(),
                 composite: composite[b * plane..(b + 1) * plane].to_vec(),
                 masked_patch_mse: mse[b],
-                diagnostics: diagnostics_of(encoded.diagnostics.as_deref(), b, task.diagnostics),
+                diagnostics: ImageDiagnostics::asked_for(
+                    encoded.diagnostics.as_deref(),
+                    b,
+                    task.diagnostics,
+                ),
             })
             .collect())
     }

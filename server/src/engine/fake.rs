@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate_mae::checkpoint::{WeightsFormat, WeightsInfo};
 use crate_mae::{CrateMaeConfig, Pooling, Precision};
 
-use crate::engine::backend::{Backend, EmbedOutputs, Pixels};
+use crate::engine::backend::{Backend, EmbedOutputs, PixelBatch};
 use crate::engine::types::{CompleteTask, CompletedPixels, EmbedTask, Embedding, ModelFacts};
 use crate::error::ServeError;
 
@@ -64,7 +64,7 @@ impl FakeModel {
         }
     }
 
-    fn attempt(&self, pixels: &Pixels<'_>) -> Result<(), ServeError> {
+    fn attempt(&self, pixels: &PixelBatch<'_>) -> Result<(), ServeError> {
         self.batches.lock().unwrap().push(pixels.batch);
         std::thread::sleep(self.faults.batch_time);
         let plane = pixels.data.len() / pixels.batch;
@@ -104,7 +104,7 @@ impl Backend for FakeModel {
 
     fn embed(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         tasks: &[&EmbedTask],
         _sample: bool,
     ) -> Result<EmbedOutputs, ServeError> {
@@ -134,7 +134,7 @@ impl Backend for FakeModel {
 
     fn complete(
         &self,
-        pixels: Pixels<'_>,
+        pixels: PixelBatch<'_>,
         _tasks: &[&CompleteTask],
     ) -> Result<Vec<CompletedPixels>, ServeError> {
         self.attempt(&pixels)?;

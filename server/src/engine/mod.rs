@@ -6,13 +6,14 @@
 //! → postprocess → the transport's response. The request's tracing span is carried with
 //! every image, so the worker's `batch` and `model` spans appear under it.
 
-pub mod admission;
-pub mod backend;
-pub mod candle;
-pub mod queue;
-pub mod stats;
-pub mod types;
-pub mod worker;
+mod admission;
+mod backend;
+mod candle;
+mod queue;
+mod startup;
+mod stats;
+mod types;
+mod worker;
 
 #[cfg(test)]
 mod fake;
@@ -21,21 +22,32 @@ mod tests;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate_mae::Mask;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::Instrument;
 
-pub use backend::Backend;
-pub use types::*;
+// The engine's public face: the engine, its settings and state, what goes in and comes out,
+// and the backend seam (with the real backend). Everything else is the engine's own.
+pub use backend::{Backend, EmbedOutputs, PixelBatch};
+pub use candle::CandleBackend;
+pub use queue::Kind;
+pub use startup::set_after_warm_up;
+pub use stats::{KindStatistics, Totals};
+pub(crate) use types::Task;
+pub use types::{
+    AttentionMap, Call, CompleteRequest, CompleteResult, CompleteTask, Completed, CompletedPixels,
+    EmbedRequest, EmbedResult, EmbedTask, Embedding, ImageDiagnostics, ImageInput, MaskSpec,
+    ModelFacts, ModelInfo, Priority, Threading, Timing,
+};
 
 use crate::error::ServeError;
 use crate::imaging::{self, Pixels, Preprocessing};
 use admission::Admission;
-use queue::{Item, ItemResult, Kind, Output, Queues};
-use stats::{KindStatistics, RequestTimes, Statistics};
+use queue::{Item, ItemResult, Output, Queues};
+use stats::{RequestTimes, Statistics};
 use worker::Workers;
 
 /// The engine's settings (from the server's configuration).
@@ -120,11 +132,13 @@ impl Engine {
             workers: Mutex::new(None),
             config,
         });
+        crate::telemetry::register_kinds(&Kind::ALL.map(Kind::label));
         let weak = Arc::downgrade(&engine);
         std::thread::Builder::new()
             .name("cratemae-loader".into())
             .spawn(move || {
-                let outcome = load().and_then(|backend| bring_up(&weak, Arc::new(backend)));
+                let outcome =
+                    load().and_then(|backend| startup::bring_up(&weak, Arc::new(backend)));
                 if let (Err(e), Some(engine)) = (outcome, weak.upgrade()) {
                     tracing::error!(error = %e, "the model cannot serve");
                     engine.fail(e);
@@ -560,115 +574,4 @@ fn build_mask(spec: &MaskSpec, patches: usize) -> Result<Mask, ServeError> {
         }
     };
     Ok(mask)
-}
-
-/// On the loader thread: warm up, choose the threading, start the workers, serve. Then
-/// stay as the watchdog that notices workers that stopped outside a drain.
-fn bring_up<B: Backend>(engine: &Weak<Engine>, backend: Arc<B>) -> Result<(), String> {
-    let Some(e) = engine.upgrade() else {
-        return Ok(());
-    };
-    let config = e.config.clone();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let started = Instant::now();
-    let (threading, reason) = match config.threading {
-        Some(t) => (t, "--threading".to_string()),
-        None if backend.parallel_batches() => (
-            Threading::adaptive(cores),
-            "a lone batch on every core, concurrent batches a core each".to_string(),
-        ),
-        None => (
-            Threading {
-                workers: 1,
-                threads: cores,
-                adaptive: false,
-            },
-            "one stream of batches on this device".to_string(),
-        ),
-    };
-    // Every batch size on a GPU (kernel selection is per shape); on a CPU one image through
-    // encoder and decoder (nothing there depends on the batch size), then a batch that
-    // spreads over every compute thread, so each thread's buffers exist before traffic.
-    let sizes: Vec<usize> = if backend.parallel_batches() {
-        vec![1, threading.threads.min(config.max_batch_size)]
-    } else {
-        (1..=config.max_batch_size).collect()
-    };
-    let pool = worker::compute_pool(threading.threads, 0).map_err(|e| e.to_string())?;
-    for &b in &sizes {
-        pool.install(|| backend.warm_up(b, true))
-            .map_err(|err| format!("warm-up at batch {b} failed: {err}"))?;
-    }
-    drop(pool);
-    // The allocator keeps what loading and warm-up freed for reuse; give it back, so the
-    // memory at rest is the model's.
-    // SAFETY: mi_collect only releases memory mimalloc holds free.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-    tracing::info!(
-        batch_sizes = ?sizes,
-        threading = %threading,
-        reason = %reason,
-        seconds = started.elapsed().as_secs_f64(),
-        "warmed up"
-    );
-    let lost = Arc::downgrade(&e);
-    let on_device_lost: worker::OnDeviceLost = Arc::new(move |err: &ServeError| {
-        if let Some(engine) = lost.upgrade() {
-            tracing::error!(error = %err, "the device is lost: NOT_SERVING; restart this server");
-            engine.fail(format!("device lost: {err}"));
-        }
-    });
-    e.queues.set_compute_threads(threading.threads);
-    let workers = Workers::start(
-        Arc::clone(&backend),
-        Arc::clone(&e.queues),
-        threading,
-        worker::Sampler::new(config.diagnostics_every, config.diagnostics_interval),
-        Arc::clone(&e.stats),
-        on_device_lost,
-    )
-    .map_err(|err| err.to_string())?;
-    let alive = workers.alive();
-    *e.workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(workers);
-    let facts = backend.facts().clone();
-    let cfg = &facts.config;
-    let prep = Preprocessing {
-        image_size: cfg.img_size as u32,
-        mean: cfg.mean,
-        std: cfg.std,
-        max_pixels: config.max_image_pixels,
-    };
-    let info = ModelInfo {
-        name: config.model_name.clone(),
-        threading,
-        threading_reason: reason,
-        max_batch_size: config.max_batch_size,
-        max_images_per_request: config.max_images_per_request,
-        max_batch_delay: config.max_batch_delay,
-        max_queue_images: config.max_queue_images,
-        facts,
-    };
-    let _ = e.ready.set(Ready { info, prep });
-    e.state.send_if_modified(|s| {
-        let change = *s == State::Loading;
-        if change {
-            *s = State::Serving;
-        }
-        change
-    });
-    drop(e);
-    // Watchdog: health stays honest if every model thread stops outside a drain.
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let Some(e) = engine.upgrade() else {
-            return Ok(());
-        };
-        if *e.state.borrow() != State::Serving {
-            return Ok(());
-        }
-        if alive.load(Ordering::Acquire) == 0 {
-            e.fail("the model threads stopped".into());
-            return Ok(());
-        }
-    }
 }

@@ -399,7 +399,7 @@ impl Queues {
 
 fn report_depth(state: &State) {
     for kind in Kind::ALL {
-        telemetry::queue_depth(kind, state.queues[kind.index()].len());
+        telemetry::queue_depth(kind.label(), state.queues[kind.index()].len());
     }
 }
 

@@ -73,7 +73,7 @@ impl Backend for SharedFake {
     }
     fn embed(
         &self,
-        p: backend::Pixels<'_>,
+        p: backend::PixelBatch<'_>,
         t: &[&EmbedTask],
         s: bool,
     ) -> Result<backend::EmbedOutputs, ServeError> {
@@ -81,7 +81,7 @@ impl Backend for SharedFake {
     }
     fn complete(
         &self,
-        p: backend::Pixels<'_>,
+        p: backend::PixelBatch<'_>,
         t: &[&CompleteTask],
     ) -> Result<Vec<CompletedPixels>, ServeError> {
         self.0.complete(p, t)

@@ -174,6 +174,14 @@ impl ImageDiagnostics {
         self.expansion_rate - self.coding_rate
     }
 
+    /// Image `b`'s diagnostics from a batch's, if it asked for them (and they were computed).
+    pub fn asked_for(layers: Option<&[LayerDiagnostics]>, b: usize, asked: bool) -> Vec<Self> {
+        match (asked, layers) {
+            (true, Some(layers)) => Self::of_image(layers, b),
+            _ => vec![],
+        }
+    }
+
     /// Image `b`'s row of batch diagnostics.
     pub fn of_image(layers: &[LayerDiagnostics], b: usize) -> Vec<Self> {
         layers

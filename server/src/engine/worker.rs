@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::engine::backend::{Backend, Pixels};
+use crate::engine::backend::{Backend, PixelBatch};
 use crate::engine::queue::{Batch, Item, Kind, Output, Queues};
 use crate::engine::stats::Statistics;
-use crate::engine::types::{ImageDiagnostics, Task, Threading, Timing};
+use crate::engine::types::{Task, Threading, Timing};
 use crate::error::ServeError;
 use crate::telemetry;
 
@@ -172,13 +172,13 @@ impl<B: Backend> Runner<B> {
         }
         let outcomes = model_span.in_scope(|| self.compute(kind, &batch.items));
         let inference = started.elapsed();
-        telemetry::batch(kind, size, inference);
+        telemetry::batch(kind.label(), size, inference);
         self.stats.batch(kind, size, inference);
         drop(model_span);
         let mut lost = None;
         for ((item, outcome), _span) in batch.items.into_iter().zip(outcomes).zip(batch_spans) {
             let queue = started.saturating_duration_since(item.admitted_at);
-            telemetry::queue_time(kind, queue);
+            telemetry::queue_time(kind.label(), queue);
             let timing = Timing {
                 queue,
                 inference,
@@ -233,7 +233,7 @@ impl<B: Backend> Runner<B> {
         for item in items {
             data.extend_from_slice(&item.pixels);
         }
-        let pixels = Pixels {
+        let pixels = PixelBatch {
             data: &data,
             batch: items.len(),
         };
@@ -265,7 +265,7 @@ impl<B: Backend> Runner<B> {
         })
     }
 
-    fn embed(&self, pixels: Pixels<'_>, items: &[Item]) -> Result<Vec<Output>, ServeError> {
+    fn embed(&self, pixels: PixelBatch<'_>, items: &[Item]) -> Result<Vec<Output>, ServeError> {
         let tasks = tasks(items, |t| match t {
             Task::Embed(e) => Some(e.as_ref()),
             Task::Complete(_) => None,
@@ -291,16 +291,4 @@ fn tasks<'a, T: ?Sized>(
                 .ok_or_else(|| ServeError::Internal("item of the other kind in a batch".into()))
         })
         .collect()
-}
-
-/// Image `b`'s diagnostics from batch diagnostics, if it asked for them.
-pub fn diagnostics_of(
-    layers: Option<&[crate_mae::LayerDiagnostics]>,
-    b: usize,
-    asked: bool,
-) -> Vec<ImageDiagnostics> {
-    match (asked, layers) {
-        (true, Some(layers)) => ImageDiagnostics::of_image(layers, b),
-        _ => vec![],
-    }
 }

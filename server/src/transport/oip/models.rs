@@ -2,9 +2,7 @@
 //! parameters, written down once and read by metadata, the model configuration and
 //! statistics (both wire forms).
 
-use crate::engine::queue::Kind;
-use crate::engine::stats::Totals;
-use crate::engine::{Engine, ModelInfo};
+use crate::engine::{Engine, Kind, ModelInfo, Totals};
 use crate::error::ServeError;
 use crate::oip_pb as pb;
 use crate::oip_pb::model_metadata_response::TensorMetadata;
