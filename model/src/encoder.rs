@@ -45,20 +45,31 @@ impl EncoderBlock {
         })
     }
 
+    /// Compression, given `MSSA(LN1(x))`: a gradient step on the coding rate against the
+    /// learned subspaces, `z = x + MSSA(LN1(x))`.
+    fn compress(x: &Tensor, mssa: &Tensor) -> Result<Tensor> {
+        x + mssa
+    }
+
+    /// Sparsification: one proximal step towards a sparse code in the dictionary,
+    /// `ISTA(LN2(z))` (no residual). Returns `LN2(z)` too.
+    fn sparsify(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ln2 = self.ln2.forward(z)?;
+        let out = self.ista.forward(&ln2)?;
+        Ok((ln2, out))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Compression: a gradient step on the coding rate against the learned subspaces.
-        let z = (x + self.mssa.forward(&self.ln1.forward(x)?)?)?;
-        // Sparsification: one proximal step towards a sparse code in the dictionary.
-        self.ista.forward(&self.ln2.forward(&z)?)
+        let z = Self::compress(x, &self.mssa.forward(&self.ln1.forward(x)?)?)?;
+        Ok(self.sparsify(&z)?.1)
     }
 
     /// [`EncoderBlock::forward`], keeping every intermediate.
     pub fn trace(&self, x: &Tensor) -> Result<EncoderBlockTrace> {
         let ln1 = self.ln1.forward(x)?;
         let mssa = self.mssa.trace(&ln1)?;
-        let z_half = (x + &mssa.out)?;
-        let ln2 = self.ln2.forward(&z_half)?;
-        let out = self.ista.forward(&ln2)?;
+        let z_half = Self::compress(x, &mssa.out)?;
+        let (ln2, out) = self.sparsify(&z_half)?;
         Ok(EncoderBlockTrace {
             ln1,
             qkv: mssa.qkv,

@@ -299,6 +299,25 @@ impl CrateMae {
             .filter(|_| images.device().is_cpu() && !images.track_op())
     }
 
+    /// The fused CPU pass (the latent and the outputs of `layers`), when it can serve this
+    /// call: the one place that dispatches to it and checks what it is given.
+    fn fast_encode(
+        &self,
+        images: &Tensor,
+        mask: Option<&Mask>,
+        layers: &[usize],
+    ) -> Option<Result<(Tensor, Vec<Tensor>)>> {
+        let cpu = self.fast_path(images)?;
+        let run = || -> Result<(Tensor, Vec<Tensor>)> {
+            self.check_images(images)?;
+            if let Some(mask) = mask {
+                self.check_mask(mask, images.dim(0)?)?;
+            }
+            cpu.encode(&images.to_dtype(DType::F32)?, mask, layers)
+        };
+        Some(run())
+    }
+
     fn check_images(&self, images: &Tensor) -> Result<usize> {
         let c = &self.cfg;
         let expected = [c.in_chans, c.img_size, c.img_size];
@@ -351,12 +370,8 @@ impl CrateMae {
     /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`), in the model's
     /// dtype. With `mask = None` this is the embedding path.
     pub fn encode(&self, images: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
-        if let Some(cpu) = self.fast_path(images) {
-            self.check_images(images)?;
-            if let Some(mask) = mask {
-                self.check_mask(mask, images.dim(0)?)?;
-            }
-            return Ok(cpu.encode(&images.to_dtype(DType::F32)?, mask, &[])?.0);
+        if let Some(fast) = self.fast_encode(images, mask, &[]) {
+            return Ok(fast?.0);
         }
         let (_, x) = self.encoder_input(images, mask)?;
         let x = self
@@ -393,23 +408,17 @@ impl CrateMae {
         }
         // Layer outputs come from the fast path too; attention maps and diagnostics need
         // candle's traced blocks.
-        if let (Some(cpu), false, true) = (
-            self.fast_path(images),
-            keep.diagnostics,
-            keep.attention.is_empty(),
-        ) {
-            self.check_images(images)?;
-            if let Some(mask) = mask {
-                self.check_mask(mask, images.dim(0)?)?;
-            }
+        if !keep.diagnostics && keep.attention.is_empty() {
             let layers: Vec<usize> = keep.outputs.iter().copied().collect();
-            let (latent, kept) = cpu.encode(&images.to_dtype(DType::F32)?, mask, &layers)?;
-            return Ok(Encoded {
-                latent: Some(latent),
-                outputs: layers.into_iter().zip(kept).collect(),
-                attention: BTreeMap::new(),
-                diagnostics: None,
-            });
+            if let Some(fast) = self.fast_encode(images, mask, &layers) {
+                let (latent, kept) = fast?;
+                return Ok(Encoded {
+                    latent: Some(latent),
+                    outputs: layers.into_iter().zip(kept).collect(),
+                    attention: BTreeMap::new(),
+                    diagnostics: None,
+                });
+            }
         }
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let (_, mut x) = self.encoder_input(images, mask)?;

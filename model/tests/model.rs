@@ -1,12 +1,13 @@
 //! Behaviour of the model crate that the golden vectors do not pin down: batching,
-//! the equivalences between entry points, the fused ISTA, and checkpoint errors.
+//! the equivalences between entry points, the fused ISTA, the fused CPU blocks against the
+//! reference blocks, and checkpoint errors.
 
 use std::io::Write;
 
 use anyhow::Result;
 use candle_core::{Device, IndexOp, Tensor};
 use crate_mae::checkpoint::{self, LoadOptions};
-use crate_mae::{init, CrateMae, CrateMaeConfig, Mask, ModelError, Pooling};
+use crate_mae::{init, CrateMae, CrateMaeConfig, Keep, Mask, ModelError, Pooling};
 
 fn small_config() -> CrateMaeConfig {
     CrateMaeConfig {
@@ -347,5 +348,39 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     )?;
     let err = checkpoint::load(&raw_path, &LoadOptions::default(), &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("head count"), "{err}");
+    Ok(())
+}
+
+/// The CPU engine's fused block (one pass per image, ISTA as one product) must differ in form
+/// from the reference block (candle operations, the paper's equations); this ties every layer
+/// of it to the reference, block by block, masked and not.
+#[test]
+fn fused_cpu_blocks_equal_the_reference_blocks_layer_by_layer() -> Result<()> {
+    let cfg = CrateMaeConfig {
+        depth: 3,
+        decoder_depth: 1,
+        ..small_config()
+    };
+    let m = model(&cfg, 11)?;
+    let x = images(&cfg, 3, 5)?;
+    let every_layer = Keep {
+        outputs: (0..cfg.depth).collect(),
+        ..Keep::default()
+    };
+    let masks = [None, Some(Mask::random(3, cfg.num_patches(), 0.5, 9)?)];
+    for mask in &masks {
+        let fused = m.encode_keeping(&x, mask.as_ref(), &every_layer)?;
+        let reference = m.trace_encoder(&x, mask.as_ref())?;
+        for (layer, block) in reference.blocks.iter().enumerate() {
+            let d = max_diff(&fused.outputs[&layer], &block.out)?;
+            assert!(
+                d < 1e-4,
+                "layer {layer} (mask: {}): fused vs reference {d}",
+                mask.is_some()
+            );
+        }
+        let d = max_diff(fused.latent.as_ref().unwrap(), &reference.latent)?;
+        assert!(d < 1e-4, "latent: fused vs reference {d}");
+    }
     Ok(())
 }

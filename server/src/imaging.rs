@@ -25,6 +25,10 @@ const RAW_LIMIT: f32 = 1000.0;
 /// A preprocessed image: `[3, S, S]` normalised, row-major.
 pub type Pixels = Vec<f32>;
 
+/// A preprocessed image shared between a request and its queued work (the completion's
+/// masked view reads it after the model ran), never copied.
+pub type SharedPixels = std::sync::Arc<Pixels>;
+
 impl Preprocessing {
     /// Decodes and preprocesses one encoded image.
     pub fn encoded(&self, bytes: &[u8]) -> Result<Pixels, ServeError> {

@@ -282,7 +282,9 @@ pub async fn http_call(
     head.push_str("\r\n");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
+    // A server may answer (413) and close before reading a body it refuses: the write then
+    // fails, and the answer is still there to read.
+    let _ = s.write_all(body).await;
     read_reply(&mut s).await
 }
 
@@ -302,7 +304,14 @@ pub async fn http_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -
 /// Reads an HTTP/1.1 answer until the server closes the connection.
 pub async fn read_reply(s: &mut tokio::net::TcpStream) -> HttpReply {
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
+    let mut chunk = [0u8; 65536];
+    // Until the server closes; a reset after the answer (an unread body) ends it too.
+    while let Ok(n) = s.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

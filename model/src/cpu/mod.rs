@@ -357,7 +357,19 @@ impl CpuEncoder {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let Dims { n, d, c, s, .. } = self.dims;
         let b = images.dim(0)?;
-        let pixels = images.flatten_all()?.to_vec1::<f32>()?;
+        // The images in place when they are a contiguous f32 CPU tensor (what the server
+        // sends): no copy of the batch's pixels.
+        let (storage, layout) = images.storage_and_layout();
+        let copied;
+        let pixels: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((from, to))) => {
+                &data[from..to]
+            }
+            _ => {
+                copied = host(images)?;
+                &copied
+            }
+        };
         let plane = c * s * s;
         let masks: Vec<Option<&[bool]>> = (0..b)
             .map(|i| mask.map(|m| m.rows()[i].as_slice()))

@@ -22,9 +22,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use crate_mae_server::engine::MaskSpec;
 use crate_mae_server::pb::crate_mae_client::CrateMaeClient;
-use crate_mae_server::{client, pb};
-use image::{imageops::FilterType, GenericImageView, RgbImage};
+use crate_mae_server::{client, imaging, pb};
+use image::{imageops::FilterType, RgbImage};
 use serde_json::{json, Value};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -59,9 +60,10 @@ enum Command {
         /// PNG or JPEG files.
         #[arg(required = true)]
         images: Vec<PathBuf>,
-        /// Pooling of the encoder tokens.
-        #[arg(long, value_enum, default_value_t = PoolingArg::Cls)]
-        pooling: PoolingArg,
+        /// Pooling of the encoder tokens (default: the model's recommendation, as the server
+        /// applies it when none is asked for).
+        #[arg(long, value_enum)]
+        pooling: Option<PoolingArg>,
         /// Scale each embedding to unit L2 norm.
         #[arg(long)]
         normalize: bool,
@@ -96,7 +98,7 @@ struct CompleteArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// Fraction of patches to hide, in [0, 1).
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = MaskSpec::DEFAULT_RATIO)]
     mask_ratio: f32,
     /// Seed of the random mask (image i uses seed + i, so the masks differ).
     #[arg(long, default_value_t = 0)]
@@ -271,7 +273,7 @@ fn timing_text(t: Option<&pb::Timing>) -> String {
 async fn embed(
     ctx: &Ctx,
     images: &[PathBuf],
-    pooling: PoolingArg,
+    pooling: Option<PoolingArg>,
     normalize: bool,
     layer: Option<u32>,
     diagnostics: bool,
@@ -283,7 +285,7 @@ async fn embed(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let request = pb::EmbedRequest {
         images: encoded,
-        pooling: pb::Pooling::from(pooling) as i32,
+        pooling: pooling.map_or(pb::Pooling::Unspecified, pb::Pooling::from) as i32,
         layer,
         normalize,
         include_diagnostics: diagnostics,
@@ -350,21 +352,22 @@ async fn embed(
     Ok(())
 }
 
-/// Decodes `bytes`, resizes the shorter side to `size` and centre-crops to `size` x `size`
-/// (the server's preprocessing, for display).
-fn preprocess_for_display(bytes: &[u8], size: u32) -> anyhow::Result<RgbImage> {
-    let img = image::load_from_memory(bytes)?;
-    let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        anyhow::bail!("empty image");
-    }
-    let scale = size as f64 / w.min(h) as f64;
-    let nw = ((w as f64 * scale).round() as u32).max(size);
-    let nh = ((h as f64 * scale).round() as u32).max(size);
-    let resized = image::imageops::resize(&img.to_rgb8(), nw, nh, FilterType::CatmullRom);
-    let x = (nw - size) / 2;
-    let y = (nh - size) / 2;
-    Ok(image::imageops::crop_imm(&resized, x, y, size, size).to_image())
+/// The image as the server's model sees it: the server's own preprocessing (decode, crop,
+/// resize, normalise with the model's mean and std) and back to RGB.
+fn preprocess_for_display(bytes: &[u8], info: &pb::ModelInfo) -> anyhow::Result<RgbImage> {
+    let three = |v: &[f32], what: &str| -> anyhow::Result<[f32; 3]> {
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("the server's model info has {} {what} values", v.len()))
+    };
+    let prep = imaging::Preprocessing {
+        image_size: info.image_size,
+        mean: three(&info.mean, "mean")?,
+        std: three(&info.std, "std")?,
+        // A local guard only: the server applies its own limit to what it is sent.
+        max_pixels: 40_000_000,
+    };
+    let pixels = prep.encoded(bytes)?;
+    Ok(prep.to_rgb(&pixels))
 }
 
 fn decode_png(bytes: &[u8], what: &str) -> anyhow::Result<RgbImage> {
@@ -411,7 +414,7 @@ async fn complete(ctx: &Ctx, args: &CompleteArgs) -> CliResult<()> {
             &mut client,
             &info,
             image_path,
-            args.seed + i as u64,
+            MaskSpec::seed_of(args.seed, i),
             args,
         )
         .await?
@@ -444,7 +447,7 @@ async fn complete_one(
     args: &CompleteArgs,
 ) -> CliResult<[RgbImage; 3]> {
     let bytes = read_file(image_path)?;
-    let original = preprocess_for_display(&bytes, info.image_size)
+    let original = preprocess_for_display(&bytes, info)
         .map_err(|e| anyhow::anyhow!("cannot decode {}: {e}", image_path.display()))?;
 
     let request = pb::CompleteRequest {

@@ -217,3 +217,120 @@ impl Backend for CandleBackend {
         matches!(self.model.device(), Device::Cpu)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use crate_mae::{checkpoint, init, CrateMaeConfig, Precision, WeightsFormat, WeightsInfo};
+
+    use super::*;
+
+    fn backend(cfg: CrateMaeConfig) -> CandleBackend {
+        let device = Device::Cpu;
+        let weights = init::random_weights(&cfg, 7, &device).unwrap();
+        let model = checkpoint::model_from_tensors(weights, &cfg, &device).unwrap();
+        let facts = ModelFacts {
+            config: cfg,
+            weights: WeightsInfo {
+                source: "random-init (seed 7)".into(),
+                format: WeightsFormat::Random,
+                sha256: String::new(),
+                unexpected: vec![],
+                recommended_pooling: None,
+            },
+            random_seed: Some(7),
+            device: "cpu".into(),
+            precision: Precision::F32,
+            recommended_pooling: Pooling::Mean,
+        };
+        CandleBackend::new(model, facts)
+    }
+
+    /// A small model shaped like the built-in one (d 128, depth 4, 32 px, patches of 4).
+    fn small() -> CrateMaeConfig {
+        CrateMaeConfig {
+            img_size: 32,
+            patch_size: 4,
+            dim: 128,
+            depth: 4,
+            heads: 4,
+            decoder_depth: 4,
+            decoder_num_heads: 4,
+            ..CrateMaeConfig::tiny()
+        }
+    }
+
+    fn images(cfg: &CrateMaeConfig, n: usize) -> Vec<f32> {
+        (0..n * 3 * cfg.img_size * cfg.img_size)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect()
+    }
+
+    fn task(diagnostics: bool) -> EmbedTask {
+        EmbedTask {
+            pooling: Pooling::Mean,
+            layer: None,
+            normalize: false,
+            patch_tokens: false,
+            diagnostics,
+            attention_layer: None,
+        }
+    }
+
+    fn embed(b: &CandleBackend, data: &[f32], tasks: &[&EmbedTask]) -> Vec<Embedding> {
+        let batch = PixelBatch {
+            data,
+            batch: tasks.len(),
+        };
+        b.embed(batch, tasks, false).unwrap().embeddings
+    }
+
+    /// Benchmark (not a timed test) of what the worker does with a batch of 8 where one image
+    /// asks for diagnostics: the 7 others as a batch of their own on the fast path, answered
+    /// first, then the one through candle's traced pass; against 8 plain images, and against
+    /// all 8 traced (what such a batch cost before the split).
+    /// `cargo test --release -p crate-mae-server --lib traced_split -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn traced_split_model_time() {
+        for (name, cfg) in [
+            ("built-in shape", small()),
+            ("base", CrateMaeConfig::base()),
+        ] {
+            let b = backend(cfg.clone());
+            let plane = 3 * cfg.img_size * cfg.img_size;
+            let data = images(&cfg, 8);
+            let (plain, traced) = (task(false), task(true));
+            let rounds = if cfg.dim > 256 { 3 } else { 50 };
+            // 8 plain; the 7 (their answer); the 7 then the 1; 8 traced.
+            let mut best = [f64::MAX; 4];
+            for _ in 0..rounds {
+                let t = Instant::now();
+                embed(&b, &data, &[&plain; 8]);
+                best[0] = best[0].min(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                embed(&b, &data[plane..], &[&plain; 7]);
+                best[1] = best[1].min(t.elapsed().as_secs_f64());
+                embed(&b, &data[..plane], &[&traced]);
+                best[2] = best[2].min(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                embed(&b, &data, &[&traced; 8]);
+                best[3] = best[3].min(t.elapsed().as_secs_f64());
+            }
+            let labels = [
+                "8 plain",
+                "split: the 7 plain answered",
+                "split: then the 1 with diagnostics",
+                "unsplit: all 8 traced",
+            ];
+            for (label, t) in labels.iter().zip(best) {
+                println!(
+                    "{name}: {label}: {:.2} ms ({:.2}× 8 plain)",
+                    t * 1e3,
+                    t / best[0]
+                );
+            }
+        }
+    }
+}

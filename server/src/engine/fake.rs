@@ -27,6 +27,8 @@ pub struct FakeModel {
     faults: Faults,
     /// Sizes of the batches computed (or attempted).
     pub batches: Mutex<Vec<usize>>,
+    /// Whether each embedding batch computed had an image asking for diagnostics.
+    pub traced: Mutex<Vec<bool>>,
 }
 
 pub const IMAGE_SIZE: usize = 8;
@@ -61,6 +63,7 @@ impl FakeModel {
             },
             faults,
             batches: Mutex::new(vec![]),
+            traced: Mutex::new(vec![]),
         }
     }
 
@@ -109,6 +112,8 @@ impl Backend for FakeModel {
         _sample: bool,
     ) -> Result<EmbedOutputs, ServeError> {
         self.attempt(&pixels)?;
+        let traced = tasks.iter().any(|t| t.diagnostics);
+        self.traced.lock().unwrap().push(traced);
         let plane = pixels.data.len() / pixels.batch;
         let embeddings = pixels
             .data

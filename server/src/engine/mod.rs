@@ -44,7 +44,7 @@ pub use types::{
 };
 
 use crate::error::ServeError;
-use crate::imaging::{self, Pixels, Preprocessing};
+use crate::imaging::{self, Preprocessing, SharedPixels};
 use admission::Admission;
 use queue::{Item, ItemResult, Output, Queues};
 use stats::{RequestTimes, Statistics};
@@ -407,7 +407,7 @@ impl Engine {
         ready: &Ready,
         work: Vec<(ImageInput, Task)>,
         call: Call,
-    ) -> Result<(Vec<((Pixels, Task), Output)>, Timing), ServeError> {
+    ) -> Result<(Vec<((SharedPixels, Task), Output)>, Timing), ServeError> {
         let n = work.len();
         // Admission before decoding: under overload, refuse before spending CPU on it.
         let permits = self
@@ -437,7 +437,7 @@ impl Engine {
             let (reply, rx) = oneshot::channel();
             receivers.push(rx);
             items.push(Item {
-                pixels: pixels.clone(),
+                pixels: Arc::clone(pixels),
                 task: task.clone(),
                 priority: call.priority,
                 deadline: call.deadline,
@@ -484,7 +484,7 @@ impl Engine {
         &self,
         prep: &Preprocessing,
         image: ImageInput,
-    ) -> Result<Pixels, ServeError> {
+    ) -> Result<SharedPixels, ServeError> {
         let prep = prep.clone();
         // Decoding is the one step whose memory a client controls (a small, highly
         // compressible PNG can declare 40 M pixels): reserve its worst case from a global
@@ -514,6 +514,7 @@ impl Engine {
         })
         .await
         .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
+        .map(Arc::new)
     }
 }
 

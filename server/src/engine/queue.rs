@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::engine::admission::Permit;
 use crate::engine::types::{CompletedPixels, Embedding, Priority, Task, Timing};
 use crate::error::ServeError;
-use crate::imaging::Pixels;
+use crate::imaging::SharedPixels;
 use crate::telemetry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,14 @@ impl Kind {
 }
 
 impl Task {
+    /// Whether the image needs the model's traced pass (per-layer intermediates).
+    pub fn needs_trace(&self) -> bool {
+        match self {
+            Task::Embed(e) => e.diagnostics || e.attention_layer.is_some(),
+            Task::Complete(c) => c.diagnostics,
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Task::Embed(_) => Kind::Embed,
@@ -68,7 +76,7 @@ pub type ItemResult = Result<(Output, Timing), ServeError>;
 
 /// One image's worth of work.
 pub struct Item {
-    pub pixels: Pixels,
+    pub pixels: SharedPixels,
     pub task: Task,
     pub priority: Priority,
     pub deadline: Option<Instant>,
@@ -458,7 +466,7 @@ mod tests {
             .unwrap();
         (
             Item {
-                pixels: vec![],
+                pixels: Default::default(),
                 task,
                 priority,
                 deadline: None,

@@ -329,3 +329,52 @@ async fn completions_come_back_as_pictures_with_their_mask() {
     assert_eq!(out.images[0].masked_patches.len(), 2, "half of 4 patches");
     assert!(out.images[0].composite_png.starts_with(b"\x89PNG"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_asking_for_traces_run_after_the_rest_of_their_batch() {
+    let (engine, model) = serving(Faults {
+        batch_time: Duration::from_millis(150),
+        ..Faults::default()
+    })
+    .await;
+    // Occupy the worker, then queue a request asking for diagnostics and one that does not:
+    // they land in the same batch of 4.
+    let busy = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move { engine.embed(embed(vec![pixels(9.0)]), UNARY).await })
+    };
+    while model.batches.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let asking = EmbedRequest {
+        diagnostics: true,
+        ..embed(vec![pixels(1.0)])
+    };
+    let plain = embed(vec![pixels(2.0), pixels(3.0), pixels(4.0)]);
+    let started = std::time::Instant::now();
+    let answered = |r: Result<EmbedResult, ServeError>| (r.unwrap(), started.elapsed());
+    let (asking, plain) = tokio::join!(
+        async { answered(engine.embed(asking, UNARY).await) },
+        async { answered(engine.embed(plain, UNARY).await) },
+    );
+    busy.await.unwrap().unwrap();
+    assert_eq!(*model.batches.lock().unwrap(), vec![1, 3, 1]);
+    assert_eq!(*model.traced.lock().unwrap(), vec![false, false, true]);
+    let values: Vec<f32> = plain.0.embeddings.iter().map(|e| e.values[0]).collect();
+    let expected = |first: f32| {
+        let mut image = vec![0.5; 3 * IMAGE_SIZE * IMAGE_SIZE];
+        image[0] = first;
+        mean(&image)
+    };
+    assert_eq!(values, [expected(2.0), expected(3.0), expected(4.0)]);
+    assert_eq!(
+        plain.0.timing.batch_size, 3,
+        "the plain images' batch is their own"
+    );
+    assert!(
+        plain.1 + Duration::from_millis(100) < asking.1,
+        "the plain images are answered first: {:?} vs {:?}",
+        plain.1,
+        asking.1
+    );
+}

@@ -48,8 +48,13 @@ impl MaskSpec {
     pub fn random_in_request(ratio: Option<f32>, seed: u64, index: usize) -> Self {
         Self::Random {
             ratio: ratio.unwrap_or(Self::DEFAULT_RATIO),
-            seed: seed.wrapping_add(index as u64),
+            seed: Self::seed_of(seed, index),
         }
+    }
+
+    /// The seed image `index` of a request draws its mask with (`seed + index`).
+    pub fn seed_of(seed: u64, index: usize) -> u64 {
+        seed.wrapping_add(index as u64)
     }
 }
 

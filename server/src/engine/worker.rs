@@ -148,17 +148,31 @@ pub fn compute_pool(threads: usize, worker: usize) -> std::io::Result<rayon::Thr
 }
 
 impl<B: Backend> Runner<B> {
+    /// Images that ask for per-layer traces (diagnostics, attention) take candle's traced
+    /// pass, several times slower: they run as a batch of their own after the others, which
+    /// are answered first, so one such request does not slow the batch it lands in.
     fn run(&self, mut batch: Batch) {
         if !batch.prune() {
             return;
         }
         let kind = batch.kind;
-        let size = batch.items.len();
+        let (traced, plain): (Vec<Item>, Vec<Item>) = batch
+            .items
+            .into_iter()
+            .partition(|item| item.task.needs_trace());
+        for items in [plain, traced] {
+            if !items.is_empty() {
+                self.serve(kind, items);
+            }
+        }
+    }
+
+    fn serve(&self, kind: Kind, mut items: Vec<Item>) {
+        let size = items.len();
         let started = Instant::now();
         // The images stop waiting; each request's trace gets this batch, and the model's
         // work is one span, linked to every request it serves.
-        let batch_spans: Vec<tracing::Span> = batch
-            .items
+        let batch_spans: Vec<tracing::Span> = items
             .iter_mut()
             .map(|item| {
                 item.waiting = tracing::Span::none();
@@ -170,13 +184,13 @@ impl<B: Backend> Runner<B> {
         for span in &batch_spans[1..] {
             model_span.follows_from(span);
         }
-        let outcomes = model_span.in_scope(|| self.compute(kind, &batch.items));
+        let outcomes = model_span.in_scope(|| self.compute(kind, &items));
         let inference = started.elapsed();
         telemetry::batch(kind.label(), size, inference);
         self.stats.batch(kind, size, inference);
         drop(model_span);
         let mut lost = None;
-        for ((item, outcome), _span) in batch.items.into_iter().zip(outcomes).zip(batch_spans) {
+        for ((item, outcome), _span) in items.into_iter().zip(outcomes).zip(batch_spans) {
             let queue = started.saturating_duration_since(item.admitted_at);
             telemetry::queue_time(kind.label(), queue);
             let timing = Timing {
@@ -228,13 +242,20 @@ impl<B: Backend> Runner<B> {
     }
 
     fn call(&self, kind: Kind, items: &[Item]) -> Result<Vec<Output>, ServeError> {
-        let per_image = items[0].pixels.len();
-        let mut data = Vec::with_capacity(items.len() * per_image);
-        for item in items {
-            data.extend_from_slice(&item.pixels);
-        }
+        // One contiguous batch: a lone image is used in place, a batch is gathered once.
+        let gathered: Vec<f32>;
+        let data: &[f32] = match items {
+            [one] => &one.pixels,
+            _ => {
+                gathered = items
+                    .iter()
+                    .flat_map(|i| i.pixels.iter().copied())
+                    .collect();
+                &gathered
+            }
+        };
         let pixels = PixelBatch {
-            data: &data,
+            data,
             batch: items.len(),
         };
         std::panic::catch_unwind(AssertUnwindSafe(|| match kind {
