@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 cargo build --release -q -p crate-mae-server --bins
-target/release/crate-mae-server --grpc-addr 127.0.0.1:50071 --metrics-addr 127.0.0.1:9171 --log warn "$@" &
+target/release/crate-mae-server --grpc-addr 127.0.0.1:50071 --http-addr off --metrics-addr 127.0.0.1:9171 --log warn "$@" &
 spid=$!
 trap 'kill -TERM $spid 2>/dev/null || true' EXIT
 wait_serving http://127.0.0.1:50071 $spid

@@ -98,7 +98,7 @@ for set in "${serve[@]}"; do
     *) model_args=(--random-weights --preset "$model" --image-size 224) images=(--image tests/fixtures/scene.png) ;;
   esac
   "$bin/crate-mae-server" --device "$device" --dtype "$dtype" "${model_args[@]}" \
-    --grpc-addr "127.0.0.1:$port" --metrics-addr "127.0.0.1:$((port + 1))" --log-format json \
+    --grpc-addr "127.0.0.1:$port" --http-addr off --metrics-addr "127.0.0.1:$((port + 1))" --log-format json \
     --max-queue-images 1024 \
     > "$out/$name-server.log" 2>&1 &
   pid=$!

@@ -104,7 +104,7 @@ cargo build --release -q -p crate-mae-server --bin crate-mae-server --bin crate-
 ADDR=127.0.0.1:50071
 fashion=()
 for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
-target/release/crate-mae-server --grpc-addr $ADDR --metrics-addr 127.0.0.1:9171 --log warn &
+target/release/crate-mae-server --grpc-addr $ADDR --http-addr off --metrics-addr 127.0.0.1:9171 --log warn &
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null || true' EXIT
 wait_serving http://$ADDR $server_pid

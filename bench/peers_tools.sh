@@ -26,7 +26,7 @@ fashion=()
 for f in tests/fixtures/fashion-mnist/*.png; do fashion+=(--image "$f"); done
 
 start_server() {
-  $SERVER --grpc-addr $ADDR --metrics-addr 127.0.0.1:9171 --log warn "$@" &
+  $SERVER --grpc-addr $ADDR --http-addr off --metrics-addr 127.0.0.1:9171 --log warn "$@" &
   PID=$!
   wait_serving "http://$ADDR" $PID
 }

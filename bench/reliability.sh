@@ -13,7 +13,7 @@ ADDR=http://127.0.0.1:50071
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
 
 start() {
-  $SERVER --random-weights --grpc-addr 127.0.0.1:50071 --metrics-addr 127.0.0.1:9171 \
+  $SERVER --random-weights --grpc-addr 127.0.0.1:50071 --http-addr off --metrics-addr 127.0.0.1:9171 \
     --max-batch-size 8 --max-queue-images "${QUEUE:-32}" --max-images-per-request 8 --log info --log-format json "$@" \
     > target/reliability-server.log 2>&1 &
   SERVER_PID=$!

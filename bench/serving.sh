@@ -24,7 +24,7 @@ run() { # name, load args..., -- server args...
   local load_args=() server_args=()
   while [ "$1" != "--" ]; do load_args+=("$1"); shift; done; shift
   server_args=("$@")
-  $SERVER --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
+  $SERVER --grpc-addr 127.0.0.1:50061 --http-addr off --metrics-addr 127.0.0.1:9161 --log warn "${server_args[@]}" &
   local pid=$!
   wait_serving http://127.0.0.1:50061 $pid
   echo "== $name (server: ${server_args[*]})"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 cargo build --release -q -p crate-mae-server --bin crate-mae-server --bin crate-mae-cli
 start=$(date +%s%N)
-target/release/crate-mae-server --grpc-addr 127.0.0.1:50111 --metrics-addr 127.0.0.1:9211 --log warn "$@" &
+target/release/crate-mae-server --grpc-addr 127.0.0.1:50111 --http-addr 127.0.0.1:8111 --metrics-addr 127.0.0.1:9211 --log warn "$@" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true' EXIT
 wait_serving http://127.0.0.1:50111 $pid
