@@ -266,6 +266,19 @@ impl CrateMae {
     }
 
     /// The precision the model serves in.
+    /// What computes the model here: the CPU engine's kernel for its products (`f32-avx512`,
+    /// `f32-avx2`, `avx512-bf16`, ...), or candle on the device (`candle-cuda-bf16`, ...).
+    pub fn kernel(&self) -> String {
+        match &self.cpu {
+            Some(_) => crate::cpu::matmul::kernel_name(self.precision == Precision::Bf16).into(),
+            None => format!(
+                "candle-{}-{}",
+                crate::device::describe(&self.device),
+                self.precision.name()
+            ),
+        }
+    }
+
     pub fn precision(&self) -> Precision {
         self.precision
     }

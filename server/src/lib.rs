@@ -118,7 +118,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             State::Serving => {
                 let info = engine.info()?;
                 telemetry::register_layers(info.config().depth, &info.facts.weights.source);
-                tracing::info!(model = %info.description(), name = %info.name, version = %info.version(), threading = %info.threading, "SERVING");
+                telemetry::model_kernel(&info.facts.kernel, info.facts.precision.name());
+                tracing::info!(model = %info.description(), name = %info.name, version = %info.version(), threading = %info.threading, kernel = %info.facts.kernel, precision = info.facts.precision.name(), precision_reason = %info.facts.precision_reason, "SERVING");
                 report(&health, ServingStatus::Serving).await;
             }
             State::Failed(why) if engine.info().is_err() => {

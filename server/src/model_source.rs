@@ -23,8 +23,9 @@ const BUILT_IN_POOLING: Pooling = Pooling::Mean;
 /// Reads the weights onto the configured device in the configured precision.
 pub fn load(config: &Config) -> Result<CandleBackend, String> {
     let device = device::parse_device(&config.device).map_err(|e| e.to_string())?;
-    let precision: Precision = config.dtype;
-    precision.check_device(&device).map_err(|e| e.to_string())?;
+    if let Some(precision) = config.dtype.0 {
+        precision.check_device(&device).map_err(|e| e.to_string())?;
+    }
     let preset = match &config.preset {
         Some(name) => Some(CrateMaeConfig::preset(name).map_err(|e| e.to_string())?),
         None => None,
@@ -81,9 +82,15 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
     if !weights.unexpected.is_empty() {
         tracing::warn!(tensors = ?weights.unexpected, "checkpoint tensors not used by the model");
     }
-    let model: CrateMae = model
-        .with_precision(precision)
-        .map_err(|e| format!("converting the weights to {precision}: {e}"))?;
+    let (model, precision, precision_reason) = match config.dtype.0 {
+        Some(precision) => {
+            let model = model
+                .with_precision(precision)
+                .map_err(|e| format!("converting the weights to {precision}: {e}"))?;
+            (model, precision, "--dtype".to_string())
+        }
+        None => choose_precision(model, config.max_batch_size())?,
+    };
     let recommended_pooling = if built_in {
         BUILT_IN_POOLING
     } else {
@@ -95,6 +102,8 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         weights,
         random_seed,
         precision,
+        precision_reason,
+        kernel: model.kernel(),
         recommended_pooling,
     };
     tracing::info!(
@@ -102,8 +111,86 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         sha256 = %facts.weights.sha256,
         device = %facts.device,
         dtype = %precision,
+        dtype_reason = %facts.precision_reason,
         pooling = recommended_pooling.name(),
         "model loaded"
     );
     Ok(CandleBackend::new(model, facts))
+}
+
+/// `--dtype auto`'s rule: bf16 only where this machine computes it at least this much faster.
+const AUTO_BF16_MIN_SPEEDUP: f64 = 1.25;
+/// ... and where every probe image's embedding stays this close to f32's.
+const AUTO_BF16_MIN_COSINE: f64 = 0.999;
+
+/// `--dtype auto`: on a GPU, bf16; on a CPU without a bf16 kernel, f32; otherwise the encoder
+/// is timed once in each (best of three passes over a batch) and bf16 is kept only if it is
+/// decisively faster and accurate. The margins matter: on the CPUs measured bf16 is either about
+/// 2× faster (Zen 4's AVX512-BF16) or 2-3× slower (Intel without AMX), so noise does not flip it.
+fn choose_precision(
+    model: CrateMae,
+    max_batch: usize,
+) -> Result<(CrateMae, Precision, String), String> {
+    let err = |e: crate_mae::ModelError| e.to_string();
+    if !model.device().is_cpu() {
+        let bf16 = model.with_precision(Precision::Bf16).map_err(err)?;
+        return Ok((bf16, Precision::Bf16, "auto: bf16 on a GPU".into()));
+    }
+    if !crate_mae::cpu::matmul::bf16_supported() {
+        return Ok((
+            model,
+            Precision::F32,
+            "auto: f32 (no AVX512_BF16 on this CPU)".into(),
+        ));
+    }
+    let bf16 = model.with_precision(Precision::Bf16).map_err(err)?;
+    let c = model.config();
+    let batch = max_batch.clamp(1, 8);
+    let images = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (batch, c.in_chans, c.img_size, c.img_size),
+        model.device(),
+    )
+    .map_err(|e| e.to_string())?;
+    let time = |m: &CrateMae| -> Result<(f64, Vec<Vec<f32>>), String> {
+        let embed = || -> Result<Vec<Vec<f32>>, String> {
+            let tokens = m.embed_tokens(&images).map_err(err)?;
+            crate_mae::mae::pool(&tokens, Pooling::Mean)
+                .and_then(|p| p.to_vec2::<f32>().map_err(Into::into))
+                .map_err(err)
+        };
+        let out = embed()?;
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            embed()?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok((best, out))
+    };
+    let (f32_time, reference) = time(&model)?;
+    let (bf16_time, approx) = time(&bf16)?;
+    let cosine = reference
+        .iter()
+        .zip(&approx)
+        .map(|(a, b)| {
+            let dot: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            dot / (norm(a) * norm(b)).max(1e-12)
+        })
+        .fold(1.0, f64::min);
+    let speedup = f32_time / bf16_time;
+    let measured = format!(
+        "bf16 {speedup:.2}× f32's speed at batch {batch}, embeddings' cosine ≥ {cosine:.5}"
+    );
+    if speedup >= AUTO_BF16_MIN_SPEEDUP && cosine >= AUTO_BF16_MIN_COSINE {
+        Ok((bf16, Precision::Bf16, format!("auto: bf16 ({measured})")))
+    } else {
+        Ok((model, Precision::F32, format!("auto: f32 ({measured})")))
+    }
 }

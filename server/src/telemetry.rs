@@ -314,6 +314,17 @@ pub fn diagnostics(layers: &[crate_mae::LayerDiagnostics]) {
     }
 }
 
+/// `cratemae_model_kernel_info{kernel, precision} 1`: which kernel computes the model (chosen
+/// at run time per CPU), so a fleet of mixed CPUs shows what each pod runs.
+pub fn model_kernel(kernel: &str, precision: &'static str) {
+    describe_gauge!(
+        "cratemae_model_kernel_info",
+        "1, labelled with the kernel computing the model's products and its precision."
+    );
+    gauge!("cratemae_model_kernel_info", "kernel" => kernel.to_string(), "precision" => precision)
+        .set(1.0);
+}
+
 pub fn auth_failure() {
     counter!("cratemae_auth_failures_total").increment(1);
 }

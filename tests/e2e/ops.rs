@@ -264,3 +264,58 @@ async fn ops_kit_uses_only_exported_metrics() {
         "ops kit uses metrics the server does not export: {missing:?}"
     );
 }
+
+/// The kernel computing the model is chosen per CPU at run time and reported in
+/// `GetModelInfo` and `/metrics`; `--dtype auto` says what it measured and picks a precision
+/// this CPU has a kernel for (bf16 only with its kernel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_kernel_and_dtype_auto_choice_are_reported() {
+    let _cores = exclusive().await;
+    for dtype in ["f32", "auto"] {
+        let (server, mut client) = Server::ready(&["--dtype", dtype], &[]).await;
+        let info = client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let known = ["f32-avx512", "f32-avx2", "f32-generic", "avx512-bf16"];
+        assert!(
+            known.contains(&info.kernel.as_str()),
+            "kernel {:?}",
+            info.kernel
+        );
+        assert_eq!(
+            info.kernel == "avx512-bf16",
+            info.dtype == "bf16",
+            "{dtype}: kernel {} computes {}",
+            info.kernel,
+            info.dtype
+        );
+        match dtype {
+            "auto" => assert!(
+                info.dtype_reason.starts_with("auto: ") && info.dtype_reason.contains(&info.dtype),
+                "{}",
+                info.dtype_reason
+            ),
+            _ => assert_eq!(
+                (info.dtype.as_str(), info.dtype_reason.as_str()),
+                ("f32", "--dtype")
+            ),
+        }
+        let series = format!(
+            r#"cratemae_model_kernel_info{{kernel="{}",precision="{}"}}"#,
+            info.kernel, info.dtype
+        );
+        assert_eq!(
+            metric(&server.scrape().await, &series),
+            Some(1.0),
+            "{series}"
+        );
+        let r = client
+            .embed(embed_request(vec![encoded(png(9))]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.embeddings.len(), 1);
+    }
+}

@@ -160,6 +160,30 @@ impl PackedBf16 {
     }
 }
 
+/// The kernel that computes the encoder's products in `bf16` (or f32) on this CPU, chosen at
+/// run time from its features: named in the server's log, `GetModelInfo` and `/metrics`.
+pub fn kernel_name(bf16: bool) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if bf16 {
+            return "avx512-bf16";
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "f32-avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "f32-avx2";
+        }
+        "f32-generic"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = bf16;
+        "f32-generic"
+    }
+}
+
 /// Whether this CPU runs the bf16 kernel.
 pub fn bf16_supported() -> bool {
     #[cfg(target_arch = "x86_64")]

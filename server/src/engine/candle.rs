@@ -242,6 +242,8 @@ mod tests {
             random_seed: Some(7),
             device: "cpu".into(),
             precision: Precision::F32,
+            precision_reason: "--dtype".into(),
+            kernel: model.kernel(),
             recommended_pooling: Pooling::Mean,
         };
         CandleBackend::new(model, facts)

@@ -59,6 +59,8 @@ impl FakeModel {
                 random_seed: None,
                 device: "fake".into(),
                 precision: Precision::F32,
+                precision_reason: "--dtype".into(),
+                kernel: "fake".into(),
                 recommended_pooling: Pooling::Mean,
             },
             faults,

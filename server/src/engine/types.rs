@@ -112,6 +112,10 @@ pub struct ModelFacts {
     pub random_seed: Option<u64>,
     pub device: String,
     pub precision: Precision,
+    /// Why this precision (`--dtype`, or what `--dtype auto` measured).
+    pub precision_reason: String,
+    /// What computes the products (`CrateMae::kernel`).
+    pub kernel: String,
     pub recommended_pooling: Pooling,
 }
 

@@ -216,6 +216,8 @@ pub fn model_info(info: &engine::ModelInfo) -> pb::ModelInfo {
         threading: info.threading_reason.clone(),
         model_name: info.name.clone(),
         model_version: info.version(),
+        kernel: facts.kernel.clone(),
+        dtype_reason: facts.precision_reason.clone(),
     }
 }
 
