@@ -75,7 +75,7 @@ cargo build --release -q -p crate-mae --example bench
 mkdir -p "$OUT"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 jsons=()
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs) model $(grep -m1 '^model\s' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_int8|amx_tile)$' | xargs); $(date -u +%F)"
 echo "threads: $THREADS, seconds per cell: $SECONDS_PER, batches: $BATCHES"
 for config in ${CONFIGS//,/ }; do
   echo "== $config: crate-mae (Rust/candle)"

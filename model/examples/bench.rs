@@ -114,7 +114,12 @@ fn main() -> Result<()> {
     }
     if let Some(path) = &args.save_weights {
         let cfg = config(&args.sizes[0])?;
-        checkpoint::save_safetensors(&init::random_weights(&cfg, 0, &device)?, &cfg, None, path)?;
+        checkpoint::save_safetensors(
+            &init::random_weights(&cfg, 0, &device)?,
+            &cfg,
+            Default::default(),
+            path,
+        )?;
         println!(
             "wrote {} ({} parameters)",
             path.display(),
@@ -183,6 +188,8 @@ fn main() -> Result<()> {
                     },
                     "config": size,
                     "dtype": precision.name(),
+                    // The kernel this CPU ran (chosen at run time from its features).
+                    "kernel": model.kernel(),
                     "device": device::describe(&device),
                     "batch": batch,
                     "threads": threads,

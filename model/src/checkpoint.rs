@@ -22,6 +22,43 @@ pub const CONFIG_METADATA_KEY: &str = "crate_mae.config";
 /// with (`cls` or `mean`).
 pub const POOLING_METADATA_KEY: &str = "crate_mae.recommended_pooling";
 
+/// Key under which a safetensors file may declare how images smaller than the model's input
+/// are fitted to it (`pad` or `resize`): what the model was trained on.
+pub const FIT_METADATA_KEY: &str = "crate_mae.small_image_fit";
+
+/// How an image smaller than the model's `S × S` input is fitted to it. Larger images are
+/// always centre-cropped and resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SmallImageFit {
+    /// Scaled up to `S × S` (the official models: ImageNet pictures are larger anyway).
+    #[default]
+    Resize,
+    /// Centred on a black `S × S` canvas, unscaled (e.g. 28×28 Fashion-MNIST on 32×32).
+    Pad,
+}
+
+impl SmallImageFit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resize => "resize",
+            Self::Pad => "pad",
+        }
+    }
+}
+
+impl std::str::FromStr for SmallImageFit {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "resize" => Ok(Self::Resize),
+            "pad" => Ok(Self::Pad),
+            other => Err(ModelError::input(format!(
+                "unknown small-image fit `{other}` (expected pad or resize)"
+            ))),
+        }
+    }
+}
+
 /// How a tensor is initialised for training (the official recipe).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -172,6 +209,8 @@ pub struct RawWeights {
     pub embedded_config: Option<CrateMaeConfig>,
     /// The pooling the file recommends (our safetensors metadata), if any.
     pub recommended_pooling: Option<Pooling>,
+    /// How the file says small images are fitted (our safetensors metadata), if it says.
+    pub small_image_fit: Option<SmallImageFit>,
 }
 
 /// Where weights came from, for `GetModelInfo` and logs.
@@ -184,6 +223,8 @@ pub struct WeightsInfo {
     pub unexpected: Vec<String>,
     /// The pooling the file recommends, if it says.
     pub recommended_pooling: Option<Pooling>,
+    /// How small images are fitted, if the file says.
+    pub small_image_fit: Option<SmallImageFit>,
 }
 
 fn checkpoint_error(path: &Path, reason: impl ToString) -> ModelError {
@@ -267,6 +308,17 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         })?),
         None => None,
     };
+    let small_image_fit =
+        match metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(FIT_METADATA_KEY))
+        {
+            Some(name) => Some(name.parse::<SmallImageFit>().map_err(|e| {
+                checkpoint_error(here, format!("metadata `{FIT_METADATA_KEY}`: {e}"))
+            })?),
+            None => None,
+        };
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| checkpoint_error(here, format!("not a valid safetensors file: {e}")))?;
     let mut tensors = HashMap::new();
@@ -280,6 +332,7 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         format: WeightsFormat::Safetensors,
         embedded_config,
         recommended_pooling,
+        small_image_fit,
     })
 }
 
@@ -310,6 +363,7 @@ fn read_pth(path: &Path, device: &Device) -> Result<RawWeights> {
                     format: WeightsFormat::Pth { layout },
                     embedded_config: None,
                     recommended_pooling: None,
+                    small_image_fit: None,
                 });
             }
             Ok(_) => {}
@@ -500,6 +554,7 @@ fn build(
         format,
         embedded_config,
         recommended_pooling,
+        small_image_fit,
     } = raw;
     let cfg = match (&options.config, embedded_config) {
         (Some(cfg), _) => cfg.clone(),
@@ -516,16 +571,25 @@ fn build(
             sha256,
             unexpected,
             recommended_pooling,
+            small_image_fit,
         },
     ))
 }
 
+/// What a saved file says about serving it, beside its configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServingMetadata {
+    pub recommended_pooling: Option<Pooling>,
+    pub small_image_fit: Option<SmallImageFit>,
+}
+
 /// Writes tensors as safetensors with the configuration (and, when known, the recommended
-/// pooling) embedded in the metadata, so the file alone is enough to serve it.
+/// pooling and how small images are fitted) embedded in the metadata, so the file alone is
+/// enough to serve it.
 pub fn save_safetensors(
     tensors: &HashMap<String, Tensor>,
     cfg: &CrateMaeConfig,
-    recommended_pooling: Option<Pooling>,
+    serving: ServingMetadata,
     path: &Path,
 ) -> Result<()> {
     let mut metadata: HashMap<String, String> = [(
@@ -533,8 +597,11 @@ pub fn save_safetensors(
         serde_json::to_string(cfg).map_err(|e| ModelError::Config(e.to_string()))?,
     )]
     .into();
-    if let Some(pooling) = recommended_pooling {
+    if let Some(pooling) = serving.recommended_pooling {
         metadata.insert(POOLING_METADATA_KEY.to_string(), pooling.name().to_string());
+    }
+    if let Some(fit) = serving.small_image_fit {
+        metadata.insert(FIT_METADATA_KEY.to_string(), fit.name().to_string());
     }
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()

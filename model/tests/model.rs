@@ -229,16 +229,34 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // A good file round-trips with its configuration embedded.
     let good =
         std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
-    checkpoint::save_safetensors(&weights, &cfg, None, &good)?;
+    checkpoint::save_safetensors(&weights, &cfg, Default::default(), &good)?;
     let (m, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
     assert_eq!(m.config(), &cfg);
     assert_eq!(info.sha256.len(), 64);
     assert_eq!(info.recommended_pooling, None);
 
     // So does a recommended pooling.
-    checkpoint::save_safetensors(&weights, &cfg, Some(Pooling::Cls), &good)?;
+    checkpoint::save_safetensors(
+        &weights,
+        &cfg,
+        checkpoint::ServingMetadata {
+            recommended_pooling: Some(Pooling::Cls),
+            small_image_fit: Some(checkpoint::SmallImageFit::Pad),
+        },
+        &good,
+    )?;
     let (_, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
     assert_eq!(info.recommended_pooling, Some(Pooling::Cls));
+    assert_eq!(info.small_image_fit, Some(checkpoint::SmallImageFit::Pad));
+    let (_, plain) = checkpoint::load(
+        &path_of_plain(&weights, &cfg)?,
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )?;
+    assert_eq!(
+        plain.small_image_fit, None,
+        "a file that does not say leaves it to the server"
+    );
 
     // Missing tensor.
     let mut missing = weights.clone();
@@ -247,7 +265,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         "crate-mae-missing-{}.safetensors",
         std::process::id()
     ));
-    checkpoint::save_safetensors(&missing, &cfg, None, &path)?;
+    checkpoint::save_safetensors(&missing, &cfg, Default::default(), &path)?;
     match checkpoint::load(&path, &opts, &Device::Cpu) {
         Err(ModelError::MissingTensor { name, expected }) => {
             assert_eq!(name, "blocks.1.layers.0.1.fn.weight");
@@ -260,12 +278,12 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     let mut gap = weights.clone();
     gap.remove("blocks.0.layers.0.0.norm.weight");
     gap.remove("blocks.1.layers.0.0.norm.weight");
-    checkpoint::save_safetensors(&gap, &cfg, None, &path)?;
+    checkpoint::save_safetensors(&gap, &cfg, Default::default(), &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::Config(_)), "{err}");
     let mut gap = weights.clone();
     gap.remove("blocks.1.layers.0.0.norm.weight");
-    checkpoint::save_safetensors(&gap, &cfg, None, &path)?;
+    checkpoint::save_safetensors(&gap, &cfg, Default::default(), &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(
         err.to_string().contains("earlier layer is missing"),
@@ -278,7 +296,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         "norm.weight".into(),
         Tensor::ones(63, candle_core::DType::F32, &Device::Cpu)?,
     );
-    checkpoint::save_safetensors(&misshaped, &cfg, None, &path)?;
+    checkpoint::save_safetensors(&misshaped, &cfg, Default::default(), &path)?;
     let err = checkpoint::load(&path, &opts, &Device::Cpu).unwrap_err();
     assert!(
         matches!(&err, ModelError::ShapeMismatch { name, expected, actual } if name == "norm.weight" && expected == &vec![64] && actual == &vec![63]),
@@ -383,4 +401,16 @@ fn fused_cpu_blocks_equal_the_reference_blocks_layer_by_layer() -> Result<()> {
         assert!(d < 1e-4, "latent: fused vs reference {d}");
     }
     Ok(())
+}
+
+fn path_of_plain(
+    weights: &std::collections::HashMap<String, Tensor>,
+    cfg: &CrateMaeConfig,
+) -> Result<std::path::PathBuf> {
+    let path = std::env::temp_dir().join(format!(
+        "crate-mae-plain-{}.safetensors",
+        std::process::id()
+    ));
+    checkpoint::save_safetensors(weights, cfg, Default::default(), &path)?;
+    Ok(path)
 }

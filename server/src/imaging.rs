@@ -9,6 +9,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
 
 use crate::error::ServeError;
+pub use crate_mae::checkpoint::SmallImageFit;
 
 /// What the model expects.
 #[derive(Debug, Clone)]
@@ -17,6 +18,9 @@ pub struct Preprocessing {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub max_pixels: u64,
+    /// How an image smaller than `S × S` is fitted: padded (centred on black) or resized,
+    /// as the model declares.
+    pub small_image_fit: SmallImageFit,
 }
 
 /// Largest magnitude accepted in a raw tensor.
@@ -97,10 +101,20 @@ impl Preprocessing {
     fn square(&self, image: DynamicImage) -> RgbImage {
         let rgb = image.into_rgb8();
         let (w, h) = rgb.dimensions();
+        let s = self.image_size;
+        if self.small_image_fit == SmallImageFit::Pad && w <= s && h <= s {
+            let mut canvas = RgbImage::new(s, s);
+            image::imageops::replace(
+                &mut canvas,
+                &rgb,
+                i64::from((s - w) / 2),
+                i64::from((s - h) / 2),
+            );
+            return canvas;
+        }
         let side = w.min(h);
         let cropped =
             image::imageops::crop_imm(&rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
-        let s = self.image_size;
         if side == s {
             cropped
         } else {
@@ -199,6 +213,7 @@ mod tests {
             mean: crate_mae::config::IMAGENET_MEAN,
             std: crate_mae::config::IMAGENET_STD,
             max_pixels: 1 << 20,
+            small_image_fit: SmallImageFit::Resize,
         }
     }
 
@@ -233,6 +248,42 @@ mod tests {
         let sq = prep().decode_square(&bytes).unwrap();
         assert_eq!(sq.dimensions(), (32, 32));
         assert_eq!(sq.get_pixel(16, 16)[0], 255);
+    }
+
+    #[test]
+    fn small_images_are_padded_or_resized_as_the_model_declares() {
+        let img = RgbImage::from_pixel(28, 28, image::Rgb([200, 200, 200]));
+        let bytes = encode(DynamicImage::ImageRgb8(img), ImageFormat::Png);
+        let padded = Preprocessing {
+            small_image_fit: SmallImageFit::Pad,
+            ..prep()
+        }
+        .decode_square(&bytes)
+        .unwrap();
+        assert_eq!(padded.dimensions(), (32, 32));
+        // Centred, unscaled, on black: a 2-pixel border.
+        assert_eq!(padded.get_pixel(1, 1).0, [0, 0, 0]);
+        assert_eq!(padded.get_pixel(2, 2).0, [200, 200, 200]);
+        assert_eq!(padded.get_pixel(29, 29).0, [200, 200, 200]);
+        assert_eq!(padded.get_pixel(30, 30).0, [0, 0, 0]);
+        let resized = prep().decode_square(&bytes).unwrap();
+        assert_eq!(
+            resized.get_pixel(1, 1).0,
+            [200, 200, 200],
+            "resize fills the square"
+        );
+        // Larger than the input: cropped and resized whatever the fit.
+        let big = encode(
+            DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 40, image::Rgb([9, 9, 9]))),
+            ImageFormat::Png,
+        );
+        let fitted = Preprocessing {
+            small_image_fit: SmallImageFit::Pad,
+            ..prep()
+        }
+        .decode_square(&big)
+        .unwrap();
+        assert_eq!(fitted.get_pixel(0, 0).0, [9, 9, 9]);
     }
 
     #[test]
@@ -297,6 +348,7 @@ mod fuzz {
             mean: crate_mae::config::IMAGENET_MEAN,
             std: crate_mae::config::IMAGENET_STD,
             max_pixels: 4_000_000,
+            small_image_fit: SmallImageFit::Resize,
         }
     }
 

@@ -6,7 +6,7 @@
 //! `crate-mae-train` with the recipe in its model card (`server/assets/default-model/`). It is
 //! compiled into the binary, so the server needs no download and no configuration.
 
-use crate_mae::checkpoint::{self, LoadOptions, WeightsFormat, WeightsInfo};
+use crate_mae::checkpoint::{self, LoadOptions, SmallImageFit, WeightsFormat, WeightsInfo};
 use crate_mae::{device, init, CrateMae, CrateMaeConfig, Pooling, Precision};
 
 use crate::config::Config;
@@ -19,6 +19,8 @@ const BUILT_IN_SOURCE: &str =
     "built-in: CRATE-MAE trained on Fashion-MNIST (server/assets/default-model)";
 /// Its model card: mean pooling beats the cls token by 2.6 points of 20-NN accuracy.
 const BUILT_IN_POOLING: Pooling = Pooling::Mean;
+/// It was trained on 28×28 images padded onto 32×32: a 28×28 PNG is padded the same way.
+const BUILT_IN_FIT: SmallImageFit = SmallImageFit::Pad;
 
 /// Reads the weights onto the configured device in the configured precision.
 pub fn load(config: &Config) -> Result<CandleBackend, String> {
@@ -59,6 +61,7 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
                 sha256: String::new(),
                 unexpected: vec![],
                 recommended_pooling: None,
+                small_image_fit: None,
             };
             (model, info, Some(config.seed), false)
         }
@@ -96,6 +99,11 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
     } else {
         weights.recommended_pooling.unwrap_or_default()
     };
+    let small_image_fit = if built_in {
+        BUILT_IN_FIT
+    } else {
+        weights.small_image_fit.unwrap_or_default()
+    };
     let facts = ModelFacts {
         config: model.config().clone(),
         device: device::describe(model.device()),
@@ -105,6 +113,7 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         precision_reason,
         kernel: model.kernel(),
         recommended_pooling,
+        small_image_fit,
     };
     tracing::info!(
         weights = %facts.weights.source,
@@ -113,6 +122,7 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         dtype = %precision,
         dtype_reason = %facts.precision_reason,
         pooling = recommended_pooling.name(),
+        small_image_fit = small_image_fit.name(),
         "model loaded"
     );
     Ok(CandleBackend::new(model, facts))

@@ -166,3 +166,33 @@ async fn serial_calls_do_not_wait_for_delayed_acks() {
         "median round trip {median:?}: the delayed-ACK stall is back?"
     );
 }
+
+/// The built-in model was trained on 28×28 images padded onto 32×32, and says so: a 28×28
+/// PNG (what Fashion-MNIST users have) is padded the same way, so it embeds exactly as the
+/// padded 32×32 picture does (a resize would blur it into another image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_images_are_fitted_as_the_built_in_model_was_trained() {
+    let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.small_image_fit, "pad");
+    for (name, padded) in fashion_mnist_fixtures().into_iter().take(3) {
+        let picture = image::load_from_memory(&padded).unwrap().to_rgb8();
+        assert_eq!(picture.dimensions(), (32, 32));
+        let original = image::imageops::crop_imm(&picture, 2, 2, 28, 28).to_image();
+        let small = encode(&original, ImageFormat::Png);
+        let r = client
+            .embed(embed_request(vec![encoded(padded), encoded(small)]))
+            .await
+            .unwrap()
+            .into_inner();
+        let diff = max_abs_diff(&r.embeddings[0].values, &r.embeddings[1].values);
+        assert!(
+            diff <= 1e-6,
+            "{name}: the 28×28 PNG embeds {diff} away from the padded one"
+        );
+    }
+}

@@ -293,7 +293,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     if let Some(out) = &args.export {
         let mut tensors = checkpoint::read_weights(&args.weights, &device)?.tensors;
         tensors.retain(|name, _| !info.unexpected.contains(name));
-        checkpoint::save_safetensors(&tensors, &cfg, Some(recommended), out)?;
+        // The recipe pads 28×28 images onto 32×32: the server must do the same.
+        let serving = checkpoint::ServingMetadata {
+            recommended_pooling: Some(recommended),
+            small_image_fit: Some(checkpoint::SmallImageFit::Pad),
+        };
+        checkpoint::save_safetensors(&tensors, &cfg, serving, out)?;
         println!(
             "wrote {} (pooling {} recommended)",
             out.display(),

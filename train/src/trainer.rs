@@ -139,7 +139,12 @@ impl Trainer {
     }
 
     fn save(&self, name: &str) -> Result<()> {
-        checkpoint::save_safetensors(&self.weights(), &self.cfg, None, &self.out.join(name))?;
+        checkpoint::save_safetensors(
+            &self.weights(),
+            &self.cfg,
+            Default::default(),
+            &self.out.join(name),
+        )?;
         std::fs::write(
             self.out.join("train_log.json"),
             serde_json::to_string_pretty(&self.log)?,

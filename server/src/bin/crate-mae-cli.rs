@@ -365,6 +365,7 @@ fn preprocess_for_display(bytes: &[u8], info: &pb::ModelInfo) -> anyhow::Result<
         std: three(&info.std, "std")?,
         // A local guard only: the server applies its own limit to what it is sent.
         max_pixels: 40_000_000,
+        small_image_fit: info.small_image_fit.parse().unwrap_or_default(),
     };
     let pixels = prep.encoded(bytes)?;
     Ok(prep.to_rgb(&pixels))

@@ -238,6 +238,7 @@ mod tests {
                 sha256: String::new(),
                 unexpected: vec![],
                 recommended_pooling: None,
+                small_image_fit: None,
             },
             random_seed: Some(7),
             device: "cpu".into(),
@@ -245,6 +246,7 @@ mod tests {
             precision_reason: "--dtype".into(),
             kernel: model.kernel(),
             recommended_pooling: Pooling::Mean,
+            small_image_fit: Default::default(),
         };
         CandleBackend::new(model, facts)
     }

@@ -125,6 +125,7 @@ fn declare_ready(e: &Engine, facts: ModelFacts, threading: Threading, reason: St
         mean: cfg.mean,
         std: cfg.std,
         max_pixels: config.max_image_pixels,
+        small_image_fit: facts.small_image_fit,
     };
     tracing::info!(threading = %threading, reason = %reason, "threading");
     let info = ModelInfo {

@@ -117,6 +117,8 @@ pub struct ModelFacts {
     /// What computes the products (`CrateMae::kernel`).
     pub kernel: String,
     pub recommended_pooling: Pooling,
+    /// How images smaller than the model's input are fitted to it.
+    pub small_image_fit: crate_mae::checkpoint::SmallImageFit,
 }
 
 /// Everything a client may want to know about what is served.

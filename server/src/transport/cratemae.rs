@@ -218,6 +218,7 @@ pub fn model_info(info: &engine::ModelInfo) -> pb::ModelInfo {
         model_version: info.version(),
         kernel: facts.kernel.clone(),
         dtype_reason: facts.precision_reason.clone(),
+        small_image_fit: facts.small_image_fit.name().into(),
     }
 }
 
