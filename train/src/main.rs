@@ -7,6 +7,7 @@
 //! cargo run --release -p crate-mae-train -- eval --weights runs/fmnist/model.safetensors
 //! ```
 
+mod adamw;
 mod data;
 mod eval;
 mod trainer;
@@ -68,8 +69,14 @@ struct TrainArgs {
     data: DataArgs,
     #[arg(long, default_value = "runs/fmnist")]
     out: PathBuf,
+    /// Continue the run in `--out` from its last checkpoint (weights, the optimizer's moments
+    /// and step, the log): the resumed run is the run it continues.
     #[arg(long)]
     resume: bool,
+    /// Train at most this many epochs now, then stop with a checkpoint (resume later with
+    /// `--resume`): long recipes in chunks on a shared machine.
+    #[arg(long)]
+    chunk_epochs: Option<usize>,
     #[arg(long, default_value_t = 4)]
     patch_size: usize,
     #[arg(long, default_value_t = 128)]
@@ -181,8 +188,15 @@ fn train(args: TrainArgs) -> Result<()> {
         serde_json::to_string_pretty(&json!({"config": cfg, "recipe": recipe}))?,
     )?;
     let mut trainer = Trainer::new(cfg, recipe, &args.out, args.resume, &device)?;
-    trainer.run(&train, &val)?;
-    println!("wrote {}", args.out.join("model.safetensors").display());
+    trainer.run_chunk(&train, &val, args.chunk_epochs)?;
+    if trainer.log.epochs_done < trainer.recipe.epochs {
+        println!(
+            "stopped after epoch {} of {}: continue with the same command and --resume",
+            trainer.log.epochs_done, trainer.recipe.epochs
+        );
+    } else {
+        println!("wrote {}", args.out.join("model.safetensors").display());
+    }
     Ok(())
 }
 

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::adamw::{self, AdamW};
 use crate_mae::{checkpoint, init, CrateMae, CrateMaeConfig, Mask};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
@@ -40,6 +42,9 @@ pub struct TrainLog {
     /// Per epoch: (mean training loss, validation loss).
     pub history: Vec<(f64, f64)>,
 }
+
+/// The optimizer's moments and step, beside the checkpoint (what `--resume` continues with).
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Learning rate at `step`: linear warm-up, then cosine decay to `min_lr` (the MAE schedule).
 pub fn learning_rate(r: &Recipe, step: usize, steps_per_epoch: usize) -> f64 {
@@ -81,7 +86,8 @@ impl Trainer {
     ) -> Result<Self> {
         std::fs::create_dir_all(out)?;
         let ckpt = out.join("checkpoint.safetensors");
-        let (weights, log) = if resume && ckpt.exists() {
+        let resuming = resume && ckpt.exists();
+        let (weights, log) = if resuming {
             let raw = checkpoint::read_weights(&ckpt, device)?;
             let log: TrainLog =
                 serde_json::from_str(&std::fs::read_to_string(out.join("train_log.json"))?)?;
@@ -105,22 +111,40 @@ impl Trainer {
                     } else {
                         &mut no_decay
                     }
-                    .push(var.clone());
+                    .push((name.clone(), var.clone()));
                 }
                 data.insert(name.clone(), var);
             }
         }
         let model = CrateMae::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-        let params = |wd| ParamsAdamW {
-            lr: 0.0,
+        let params = |weight_decay| adamw::Params {
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
-            weight_decay: wd,
+            weight_decay,
         };
+        let mut decay = AdamW::new(decay, params(recipe.weight_decay))?;
+        let mut no_decay = AdamW::new(no_decay, params(0.0))?;
+        let moments = out.join(OPTIMIZER_FILE);
+        if resuming {
+            if moments.exists() {
+                let state = candle_core::safetensors::load(&moments, device)?;
+                decay
+                    .restore(&state, "decay")
+                    .context("resuming the optimizer")?;
+                no_decay
+                    .restore(&state, "no_decay")
+                    .context("resuming the optimizer")?;
+            } else {
+                eprintln!(
+                    "warning: no {OPTIMIZER_FILE} in {}: the optimizer's moments restart at zero",
+                    out.display()
+                );
+            }
+        }
         Ok(Self {
-            decay: AdamW::new(decay, params(recipe.weight_decay))?,
-            no_decay: AdamW::new(no_decay, params(0.0))?,
+            decay,
+            no_decay,
             cfg,
             recipe,
             out: out.to_path_buf(),
@@ -145,6 +169,9 @@ impl Trainer {
             Default::default(),
             &self.out.join(name),
         )?;
+        let mut state = self.decay.state("decay")?;
+        state.extend(self.no_decay.state("no_decay")?);
+        candle_core::safetensors::save(&state, self.out.join(OPTIMIZER_FILE))?;
         std::fs::write(
             self.out.join("train_log.json"),
             serde_json::to_string_pretty(&self.log)?,
@@ -182,6 +209,13 @@ impl Trainer {
 
     /// Runs the remaining epochs, checkpointing after each.
     pub fn run(&mut self, train: &Split, val: &Split) -> Result<()> {
+        self.run_chunk(train, val, None)
+    }
+
+    /// Runs at most `chunk` of the remaining epochs (all with `None`), checkpointing after
+    /// each; `model.safetensors` is written once the recipe's last epoch is done. A later
+    /// `--resume` continues exactly where this stopped.
+    pub fn run_chunk(&mut self, train: &Split, val: &Split, chunk: Option<usize>) -> Result<()> {
         let r = self.recipe.clone();
         let steps_per_epoch = train.len() / r.batch_size;
         anyhow::ensure!(
@@ -201,7 +235,8 @@ impl Trainer {
         );
         let started = Instant::now();
         let seconds_before = self.log.seconds;
-        for epoch in self.log.epochs_done..r.epochs {
+        let last = chunk.map_or(r.epochs, |c| (self.log.epochs_done + c).min(r.epochs));
+        for epoch in self.log.epochs_done..last {
             let mut rng = ChaCha8Rng::seed_from_u64(r.seed.wrapping_add(epoch as u64));
             let mut order: Vec<usize> = (0..train.len()).collect();
             order.shuffle(&mut rng);
@@ -210,8 +245,6 @@ impl Trainer {
             for (i, batch) in order.chunks_exact(r.batch_size).enumerate() {
                 let step = epoch * steps_per_epoch + i;
                 let lr = learning_rate(&r, step, steps_per_epoch);
-                self.decay.set_learning_rate(lr);
-                self.no_decay.set_learning_rate(lr);
                 let flips = r
                     .horizontal_flip
                     .then(|| Split::flips(batch.len(), &mut rng));
@@ -224,8 +257,8 @@ impl Trainer {
                 )?;
                 let loss = self.masked_loss(&x, &mask)?;
                 let grads = loss.backward()?;
-                self.decay.step(&grads)?;
-                self.no_decay.step(&grads)?;
+                self.decay.step(&grads, lr)?;
+                self.no_decay.step(&grads, lr)?;
                 let l = loss.to_scalar::<f32>()? as f64;
                 anyhow::ensure!(l.is_finite(), "loss became {l} at step {step}");
                 loss_sum += l;
@@ -265,7 +298,9 @@ impl Trainer {
                 .context("saving the checkpoint")?;
         }
         bar.finish_and_clear();
-        self.save("model.safetensors")?;
+        if self.log.epochs_done == r.epochs {
+            self.save("model.safetensors")?;
+        }
         Ok(())
     }
 }
@@ -346,6 +381,74 @@ mod tests {
         let resumed = Trainer::new(cfg, recipe, &out, true, &Device::Cpu).unwrap();
         assert_eq!(resumed.log.epochs_done, 3);
         let _ = std::fs::remove_dir_all(&out);
+    }
+
+    /// A run stopped after an epoch and resumed (weights, the optimizer's moments and step, the
+    /// log) ends bit-identical to the same run uninterrupted; resuming without the moments
+    /// does not.
+    #[test]
+    fn a_resumed_run_is_the_run_it_continues() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut train = Split::load(&fixtures, "train").unwrap();
+        train.truncate(96);
+        let val = train.split_off(64);
+        let cfg = CrateMaeConfig {
+            img_size: 32,
+            patch_size: 8,
+            dim: 32,
+            depth: 1,
+            heads: 2,
+            decoder_depth: 1,
+            decoder_num_heads: 2,
+            ..CrateMaeConfig::tiny()
+        };
+        let recipe = Recipe {
+            epochs: 2,
+            batch_size: 16,
+            warmup_epochs: 0.5,
+            ..recipe()
+        };
+        let dir = |tag: &str| {
+            let d =
+                std::env::temp_dir().join(format!("crate-mae-resume-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            d
+        };
+        let run = |out: &Path, chunks: &[usize], drop_moments: bool| {
+            for (i, &c) in chunks.iter().enumerate() {
+                if i > 0 && drop_moments {
+                    std::fs::remove_file(out.join(OPTIMIZER_FILE)).unwrap();
+                }
+                let mut t =
+                    Trainer::new(cfg.clone(), recipe.clone(), out, i > 0, &Device::Cpu).unwrap();
+                t.run_chunk(&train, &val, Some(c)).unwrap();
+            }
+            let t = Trainer::new(cfg.clone(), recipe.clone(), out, true, &Device::Cpu).unwrap();
+            assert_eq!(t.log.epochs_done, 2);
+            t.weights()
+        };
+        let (whole, halves, forgetful) = (dir("whole"), dir("halves"), dir("forgetful"));
+        let a = run(&whole, &[2], false);
+        let b = run(&halves, &[1, 1], false);
+        let c = run(&forgetful, &[1, 1], true);
+        let differs = |x: &HashMap<String, Tensor>, y: &HashMap<String, Tensor>| {
+            x.iter().any(|(k, t)| {
+                let (t, u) = (t.flatten_all().unwrap(), y[k].flatten_all().unwrap());
+                t.to_vec1::<f32>().unwrap() != u.to_vec1::<f32>().unwrap()
+            })
+        };
+        assert!(
+            !differs(&a, &b),
+            "the resumed run differs from the uninterrupted one"
+        );
+        assert!(
+            differs(&a, &c),
+            "without its moments a resumed run should differ"
+        );
+        assert!(halves.join("model.safetensors").exists());
+        for d in [whole, halves, forgetful] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 
     /// Same seed, same data: bit-identical weights; another seed: different weights.
