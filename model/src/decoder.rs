@@ -68,6 +68,22 @@ impl DecoderBlock {
         })
     }
 
+    pub fn ln1(&self) -> &LayerNorm {
+        &self.ln1
+    }
+
+    pub fn linear(&self) -> &Linear {
+        &self.linear
+    }
+
+    pub fn ln2(&self) -> &LayerNorm {
+        &self.ln2
+    }
+
+    pub fn mssa(&self) -> &Mssa {
+        &self.mssa
+    }
+
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Self {
             ln1: self.ln1.to_dtype(dtype)?,

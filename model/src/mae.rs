@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use std::sync::Arc;
 
 use crate::config::CrateMaeConfig;
+use crate::cpu::decoder::CpuDecoder;
 use crate::cpu::CpuEncoder;
 use crate::decoder::{DecoderBlock, DecoderBlockTrace};
 use crate::device::Precision;
@@ -146,6 +147,8 @@ pub struct CrateMae {
     precision: Precision,
     /// The CPU engine for the encoder's inference pass (CPU, inference weights only).
     cpu: Option<Arc<CpuEncoder>>,
+    /// The CPU engine's decoder pass (f32; CPU, inference weights only).
+    cpu_decoder: Option<Arc<CpuDecoder>>,
 }
 
 impl CrateMae {
@@ -174,11 +177,18 @@ impl CrateMae {
             dtype: vb.dtype(),
             precision: Precision::F32,
             cpu: None,
+            cpu_decoder: None,
             cfg: cfg.clone(),
         };
         let inference = !model.cls_token.track_op();
         if model.device.is_cpu() && model.dtype == DType::F32 && inference {
             model.cpu = Some(Arc::new(model.cpu_encoder(Precision::F32)?));
+            model.cpu_decoder = Some(Arc::new(CpuDecoder::new(
+                cfg,
+                &model.decoder_blocks,
+                &model.decoder_norm,
+                &model.decoder_pred,
+            )?));
         }
         Ok(model)
     }
@@ -249,6 +259,7 @@ impl CrateMae {
                 _ => Precision::F32,
             },
             cpu: None,
+            cpu_decoder: None,
         })
     }
 
@@ -493,6 +504,13 @@ impl CrateMae {
 
     /// Decoder: `latent` (any float dtype) → predicted patches `[B, L, p²·C]` in f32.
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        if let Some(fast) = self
+            .cpu_decoder
+            .as_deref()
+            .filter(|_| latent.device().is_cpu() && !latent.track_op())
+        {
+            return fast.decode(&latent.to_dtype(DType::F32)?);
+        }
         let x = self
             .decoder_blocks
             .iter()

@@ -414,3 +414,69 @@ fn path_of_plain(
     checkpoint::save_safetensors(weights, cfg, Default::default(), &path)?;
     Ok(path)
 }
+
+/// The CPU engine's decoder pass (products, LayerNorm and attention on the engine's kernels)
+/// against candle's reference decoder, on a latent with mask tokens in it.
+#[test]
+fn fused_cpu_decoder_equals_the_reference_decoder() -> Result<()> {
+    let cfg = CrateMaeConfig {
+        decoder_depth: 3,
+        decoder_num_heads: 2,
+        ..small_config()
+    };
+    let m = model(&cfg, 13)?;
+    let x = images(&cfg, 3, 8)?;
+    let mask = Mask::random(3, cfg.num_patches(), 0.75, 4)?;
+    let latent = m.encode(&x, Some(&mask))?;
+    let fused = m.decode(&latent)?;
+    let reference = m.trace_decoder(&latent)?.pred;
+    assert_eq!(fused.dims(), reference.dims());
+    let d = max_diff(&fused, &reference)?;
+    assert!(d < 1e-4, "fused vs reference decoder: {d}");
+    Ok(())
+}
+
+/// Benchmark (not a timed test): the decoder on the CPU engine against candle's operations
+/// (the reference path `trace_decoder` takes, what `decode` ran before), batch 8.
+/// `cargo test --release -p crate-mae --test model decoder_speed -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark"]
+fn decoder_speed() -> Result<()> {
+    let built_in = CrateMaeConfig {
+        img_size: 32,
+        patch_size: 4,
+        dim: 128,
+        depth: 4,
+        heads: 4,
+        decoder_depth: 4,
+        decoder_num_heads: 4,
+        ..CrateMaeConfig::tiny()
+    };
+    for (name, cfg, rounds) in [
+        ("built-in shape", built_in, 30),
+        ("base", CrateMaeConfig::base(), 3),
+    ] {
+        let m = model(&cfg, 1)?;
+        let x = images(&cfg, 8, 2)?;
+        let latent = m.encode(&x, None)?;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            f()?;
+            let mut best = f64::MAX;
+            for _ in 0..rounds {
+                let t = std::time::Instant::now();
+                f()?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let fused = time(&|| m.decode(&latent).map(|_| ()).map_err(Into::into))?;
+        let reference = time(&|| m.trace_decoder(&latent).map(|_| ()).map_err(Into::into))?;
+        println!(
+            "{name}: decoder batch 8: engine {:.2} ms, candle {:.2} ms ({:.2}×)",
+            fused * 1e3,
+            reference * 1e3,
+            reference / fused
+        );
+    }
+    Ok(())
+}

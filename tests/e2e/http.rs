@@ -82,6 +82,13 @@ async fn open_inference_protocol_rest_answers_as_grpc_does() {
     assert_eq!(config["max_batch_size"], MAX_IMAGES);
     assert_eq!(config["input"][0]["optional"], true);
     assert_eq!(config["dynamic_batching"]["priority_levels"], 2);
+    assert!(config["parameters"]["kernel"]["string_value"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert_eq!(
+        config["parameters"]["small_image_fit"]["string_value"],
+        "resize"
+    );
 
     // JSON: BYTES elements as base64 (one as a data URI), the model's pooling, unit norm.
     let pngs = [png(11), png(12)];

@@ -207,11 +207,6 @@ impl Trainer {
         Ok(sum / n.max(1) as f64)
     }
 
-    /// Runs the remaining epochs, checkpointing after each.
-    pub fn run(&mut self, train: &Split, val: &Split) -> Result<()> {
-        self.run_chunk(train, val, None)
-    }
-
     /// Runs at most `chunk` of the remaining epochs (all with `None`), checkpointing after
     /// each; `model.safetensors` is written once the recipe's last epoch is done. A later
     /// `--resume` continues exactly where this stopped.
@@ -366,7 +361,7 @@ mod tests {
         let mut trainer =
             Trainer::new(cfg.clone(), recipe.clone(), &out, false, &Device::Cpu).unwrap();
         let before = trainer.evaluate(&val).unwrap();
-        trainer.run(&train, &val).unwrap();
+        trainer.run_chunk(&train, &val, None).unwrap();
         let after = trainer.evaluate(&val).unwrap();
         assert!(after < 0.95 * before, "validation loss {before} → {after}");
         assert_eq!(trainer.log.epochs_done, 3);
@@ -478,7 +473,7 @@ mod tests {
                 ..recipe()
             };
             let mut trainer = Trainer::new(cfg.clone(), recipe, &out, false, &Device::Cpu).unwrap();
-            trainer.run(&train, &val).unwrap();
+            trainer.run_chunk(&train, &val, None).unwrap();
             let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
             let _ = std::fs::remove_dir_all(&out);
             bytes

@@ -11,6 +11,7 @@
 //! images and runs them with no synchronisation at all; with fewer, one image at a time uses
 //! every thread inside its matrix products and across attention heads.
 
+pub mod decoder;
 mod kernels;
 pub mod matmul;
 
@@ -545,43 +546,64 @@ impl CpuEncoder {
         let Dims {
             n, d, heads, dh, ..
         } = self.dims;
-        let w = SendSlice(sc.w.as_mut_ptr());
-        let att = SendSlice(sc.att.as_mut_ptr());
-        let head = |h: usize, scores: &mut [f32]| {
-            let (w, att) = (w, att);
-            // SAFETY: `w` is only read; head h writes only its own columns of `att`.
-            unsafe {
-                let wh = w.0.add(h * dh) as *const f32;
-                matmul::f32_ab(n, n, dh, wh, d, 1, wh, 1, d, scores.as_mut_ptr(), n);
-                kernels::softmax(scores, n, scale);
-                matmul::f32_ab(
-                    n,
-                    dh,
-                    n,
-                    scores.as_ptr(),
-                    n,
-                    1,
-                    wh,
-                    d,
-                    1,
-                    att.0.add(h * dh),
-                    d,
-                );
-            }
-        };
-        if threads > 1 {
-            sc.scores[..threads * n * n]
-                .par_chunks_mut(n * n)
-                .enumerate()
-                .for_each(|(t, scores)| {
-                    for h in (t..heads).step_by(threads) {
-                        head(h, scores);
-                    }
-                });
-        } else {
-            for h in 0..heads {
-                head(h, &mut sc.scores[..n * n]);
-            }
+        attention(
+            (n, d, heads, dh),
+            scale,
+            &sc.w,
+            &mut sc.att,
+            &mut sc.scores,
+            threads,
+        );
+    }
+}
+
+/// `att[:, h] = softmax(w_h w_hᵀ · scale) w_h` for every head of `w` (`[n, d]`, heads of width
+/// `dh` side by side), one head at a time in an `n × n` block that stays in cache; `scores`
+/// holds `threads` such blocks.
+fn attention(
+    (n, d, heads, dh): (usize, usize, usize, usize),
+    scale: f32,
+    w: &[f32],
+    att: &mut [f32],
+    scores: &mut [f32],
+    threads: usize,
+) {
+    let w = SendSlice(w.as_ptr() as *mut f32);
+    let att = SendSlice(att.as_mut_ptr());
+    let head = |h: usize, scores: &mut [f32]| {
+        let (w, att) = (w, att);
+        // SAFETY: `w` is only read; head h writes only its own columns of `att`.
+        unsafe {
+            let wh = w.0.add(h * dh) as *const f32;
+            matmul::f32_ab(n, n, dh, wh, d, 1, wh, 1, d, scores.as_mut_ptr(), n);
+            kernels::softmax(scores, n, scale);
+            matmul::f32_ab(
+                n,
+                dh,
+                n,
+                scores.as_ptr(),
+                n,
+                1,
+                wh,
+                d,
+                1,
+                att.0.add(h * dh),
+                d,
+            );
+        }
+    };
+    if threads > 1 {
+        scores[..threads * n * n]
+            .par_chunks_mut(n * n)
+            .enumerate()
+            .for_each(|(t, scores)| {
+                for h in (t..heads).step_by(threads) {
+                    head(h, scores);
+                }
+            });
+    } else {
+        for h in 0..heads {
+            head(h, &mut scores[..n * n]);
         }
     }
 }

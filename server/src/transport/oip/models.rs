@@ -256,6 +256,18 @@ pub fn model_config(info: &ModelInfo, served: Served) -> pb::ModelConfig {
                     },
                 )
             })
+            // What computes it and how it fits small images, as GetModelInfo says.
+            .chain(
+                [
+                    ("kernel", info.facts.kernel.clone()),
+                    ("dtype", info.facts.precision.name().to_string()),
+                    (
+                        "small_image_fit",
+                        info.facts.small_image_fit.name().to_string(),
+                    ),
+                ]
+                .map(|(k, v)| (k.to_string(), pb::ModelParameter { string_value: v })),
+            )
             .collect(),
     }
 }
