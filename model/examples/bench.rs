@@ -62,16 +62,7 @@ struct Args {
 
 fn config(name: &str) -> Result<CrateMaeConfig> {
     if name == "builtin" {
-        return Ok(CrateMaeConfig {
-            img_size: 32,
-            patch_size: 4,
-            dim: 128,
-            depth: 4,
-            heads: 4,
-            decoder_depth: 4,
-            decoder_num_heads: 4,
-            ..CrateMaeConfig::tiny()
-        });
+        return Ok(CrateMaeConfig::built_in_shape());
     }
     Ok(CrateMaeConfig::preset(name)?)
 }

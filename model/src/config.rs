@@ -85,6 +85,21 @@ impl CrateMaeConfig {
         Self::official(1024, 24, 16)
     }
 
+    /// The shape of the server's built-in Fashion-MNIST model (d 128, depth 4 + 4, 4 heads,
+    /// 32 px, patch 4), for benchmarks and tests that want it without its weights.
+    pub fn built_in_shape() -> Self {
+        Self {
+            img_size: 32,
+            patch_size: 4,
+            dim: 128,
+            depth: 4,
+            heads: 4,
+            decoder_depth: 4,
+            decoder_num_heads: 4,
+            ..Self::tiny()
+        }
+    }
+
     /// The official preset by name (`tiny`, `small`, `base`, `large`).
     pub fn preset(name: &str) -> Result<Self> {
         match name {

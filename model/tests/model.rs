@@ -442,18 +442,8 @@ fn fused_cpu_decoder_equals_the_reference_decoder() -> Result<()> {
 #[test]
 #[ignore = "benchmark"]
 fn decoder_speed() -> Result<()> {
-    let built_in = CrateMaeConfig {
-        img_size: 32,
-        patch_size: 4,
-        dim: 128,
-        depth: 4,
-        heads: 4,
-        decoder_depth: 4,
-        decoder_num_heads: 4,
-        ..CrateMaeConfig::tiny()
-    };
     for (name, cfg, rounds) in [
-        ("built-in shape", built_in, 30),
+        ("built-in shape", CrateMaeConfig::built_in_shape(), 30),
         ("base", CrateMaeConfig::base(), 3),
     ] {
         let m = model(&cfg, 1)?;

@@ -10,7 +10,6 @@ use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use tonic::metadata::MetadataMap;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
@@ -39,31 +38,26 @@ where
     Ok(tracing_opentelemetry::layer().with_tracer(tracer))
 }
 
-struct Metadata<'a>(&'a MetadataMap);
+/// Request headers (gRPC metadata is HTTP/2 headers) as OpenTelemetry reads them.
+struct Headers<'a>(&'a http::HeaderMap);
 
-impl Extractor for Metadata<'_> {
+impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
 /// Makes `span` a child of the caller's span named by `traceparent` (W3C Trace Context),
 /// when export is on and the request carries one.
-pub fn continue_trace(span: &tracing::Span, metadata: &MetadataMap) {
-    if PROVIDER.get().is_none() || metadata.get("traceparent").is_none() {
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if PROVIDER.get().is_none() || headers.get("traceparent").is_none() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&Metadata(metadata));
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
     let _ = span.set_parent(parent);
 }
 

@@ -99,15 +99,16 @@ impl CpuDecoder {
         let threads = rayon::current_num_threads();
         // Whole images per thread when there are enough; else threads inside the products.
         let inner = if b >= threads { 1 } else { threads };
-        let run = |(x, out): (&mut [f32], &mut [f32])| {
-            let mut sc = self.scratch(inner);
-            self.image(x, out, &mut sc, inner);
-        };
+        // One scratch per task, not per image.
         let pairs = x.chunks_mut(n * d).zip(pred.chunks_mut((n - 1) * pd));
         if inner == 1 {
-            pairs.collect::<Vec<_>>().into_par_iter().for_each(run);
+            pairs
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each_init(|| self.scratch(1), |sc, (x, out)| self.image(x, out, sc, 1));
         } else {
-            pairs.for_each(run);
+            let mut sc = self.scratch(inner);
+            pairs.for_each(|(x, out)| self.image(x, out, &mut sc, inner));
         }
         Ok(Tensor::from_vec(pred, (b, n - 1, pd), &Device::Cpu)?)
     }

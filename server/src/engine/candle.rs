@@ -253,16 +253,7 @@ mod tests {
 
     /// A small model shaped like the built-in one (d 128, depth 4, 32 px, patches of 4).
     fn small() -> CrateMaeConfig {
-        CrateMaeConfig {
-            img_size: 32,
-            patch_size: 4,
-            dim: 128,
-            depth: 4,
-            heads: 4,
-            decoder_depth: 4,
-            decoder_num_heads: 4,
-            ..CrateMaeConfig::tiny()
-        }
+        CrateMaeConfig::built_in_shape()
     }
 
     fn images(cfg: &CrateMaeConfig, n: usize) -> Vec<f32> {

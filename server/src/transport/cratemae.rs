@@ -257,7 +257,7 @@ impl pb::crate_mae_server::CrateMae for CrateMaeService {
             deadline: deadline(&request),
             priority: Priority::Bulk,
         };
-        let span = request_span(PROTOCOL, "EmbedStream", &id, request.metadata());
+        let span = request_span(PROTOCOL, "EmbedStream", &id, request.metadata().as_ref());
         let engine = Arc::clone(&self.engine);
         let out = request
             .into_inner()

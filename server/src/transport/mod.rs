@@ -222,15 +222,16 @@ pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     request.extensions().get::<CallDeadline>()?.at
 }
 
-/// The span of one call, a child of the caller's trace when it sent `traceparent`.
+/// The span of one call, a child of the caller's trace when it sent `traceparent` (request
+/// headers: gRPC metadata is HTTP/2 headers).
 pub fn request_span(
     protocol: &'static str,
     method: &'static str,
     id: &str,
-    metadata: &MetadataMap,
+    headers: &::http::HeaderMap,
 ) -> tracing::Span {
     let span = tracing::info_span!("request", protocol, method, request_id = %id);
-    crate::otel::continue_trace(&span, metadata);
+    crate::otel::continue_trace(&span, headers);
     span
 }
 
@@ -280,7 +281,7 @@ where
     if let Some(d) = request.extensions().get::<CallDeadline>() {
         d.handled.store(true, Ordering::Release);
     }
-    let span = request_span(protocol, method, &id, request.metadata());
+    let span = request_span(protocol, method, &id, request.metadata().as_ref());
     let mut guard = CallGuard::new(protocol, method, call.deadline);
     // The deadline as an answer, not only as a check before compute: a call still waiting
     // when it passes is answered DEADLINE_EXCEEDED here, with its request id.

@@ -191,8 +191,7 @@ impl Http {
                     deadline,
                     priority: Priority::Online,
                 };
-                let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
-                let span = transport::request_span(protocol, method, &id, &metadata);
+                let span = transport::request_span(protocol, method, &id, headers);
                 let mut guard = CallGuard::new(protocol, method, deadline);
                 let r = engine::within(deadline, handler(call))
                     .instrument(span.clone())

@@ -384,6 +384,15 @@ fn read_request(
 ) -> Result<(InferRequest, BinaryOutputs), Refusal> {
     let (header_json, mut binary) = match headers.get(HEADER_LENGTH) {
         Some(v) => {
+            // The binary form is sent as octet-stream by Triton's clients, JSON by some others.
+            if let Some(kind) = headers.get(header::CONTENT_TYPE) {
+                if !is_json(kind) && kind != "application/octet-stream" {
+                    return Err(Refusal::Http(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        format!("Content-Type {kind:?} is not supported: send application/json, or application/octet-stream with Inference-Header-Content-Length"),
+                    ));
+                }
+            }
             let n: usize = v
                 .to_str()
                 .ok()
@@ -404,17 +413,6 @@ fn read_request(
             (body, &[][..])
         }
     };
-    if headers.get(HEADER_LENGTH).is_some() {
-        // The binary form is sent as octet-stream by Triton's clients, JSON by some others.
-        if let Some(v) = headers.get(header::CONTENT_TYPE) {
-            if !is_json(v) && v != "application/octet-stream" {
-                return Err(Refusal::Http(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("Content-Type {v:?} is not supported: send application/json, or application/octet-stream with Inference-Header-Content-Length"),
-                ));
-            }
-        }
-    }
     let req: JsonRequest = serde_json::from_slice(header_json).map_err(|e| {
         Refusal::bad_request(format!("the request is not valid inference JSON: {e}"))
     })?;
@@ -596,15 +594,11 @@ fn write_response(response: infer::InferResponse, binary: &BinaryOutputs) -> Res
     if !response.id.is_empty() {
         head["id"] = json!(response.id);
     }
-    let head = serde_json::to_vec(&head).expect("JSON values serialise");
     if tail.is_empty() {
-        return super::json(
-            StatusCode::OK,
-            &serde_json::from_slice(&head).expect("just written"),
-        );
+        return super::json(StatusCode::OK, &head);
     }
-    let length = head.len().to_string();
-    let mut body = head;
+    let mut body = serde_json::to_vec(&head).expect("JSON values serialise");
+    let length = body.len().to_string();
     body.extend_from_slice(&tail);
     (
         StatusCode::OK,
