@@ -22,7 +22,8 @@ ensure_stubs()  # generates ./_gen from proto/ if missing or stale
 from cratemae.v1 import cratemae_pb2 as pb, cratemae_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVICE = "cratemae.v1.CrateMae"  # the health-check name of the model service
-POOLING = {"default": pb.POOLING_UNSPECIFIED, "cls": pb.POOLING_CLS, "mean": pb.POOLING_MEAN}
+POOLING = {"default": pb.POOLING_UNSPECIFIED, "cls": pb.POOLING_CLS, "mean": pb.POOLING_MEAN,
+           "whitened-grid": pb.POOLING_WHITENED_GRID}
 # What the server answers when its queue is full (RESOURCE_EXHAUSTED) or while it loads or
 # drains for shutdown (UNAVAILABLE). Both are worth a retry after a pause. RESOURCE_EXHAUSTED
 # also reports hard limits (too many images or pixels), which a retry cannot fix, so retries
@@ -90,7 +91,7 @@ class CrateMaeClient:
     def info(self):
         return self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
-    def embed(self, paths, pooling="mean", normalize=True):
+    def embed(self, paths, pooling="default", normalize=True):
         """One embedding per image, in order: float32 array [len(paths), d]."""
         images = [pb.Image(encoded=Path(p).read_bytes()) for p in paths]
         req = pb.EmbedRequest(images=images, pooling=POOLING[pooling], normalize=normalize)
@@ -121,7 +122,7 @@ def main():
     sub.add_parser("info")
     e = sub.add_parser("embed")
     e.add_argument("images", nargs="+")
-    e.add_argument("--pooling", choices=POOLING, default="mean")
+    e.add_argument("--pooling", choices=POOLING, default="default")
     e.add_argument("--no-normalize", action="store_true")
     c = sub.add_parser("complete")
     c.add_argument("image")

@@ -105,13 +105,16 @@ def main():
     check("embed shape", emb.shape == (10, d), str(emb.shape))
     check("embed unit norm", np.isfinite(emb).all() and np.allclose(norms, 1, atol=1e-5),
           f"norms {norms.min():.6f}…{norms.max():.6f}")
-    one = c.embed(pngs[3:4])
+    one = c.embed(pngs[3:4], pooling="mean")
     check("embed order", np.allclose(one[0], emb[3], atol=1e-5),
           f"max diff alone vs in a batch {np.abs(one[0] - emb[3]).max():.2e}")
     raw = c.embed(pngs[:2], pooling="mean", normalize=False)
     raw_norms = np.linalg.norm(raw, axis=1)
     check("embed normalize=false", np.allclose(raw / raw_norms[:, None], emb[:2], atol=1e-5)
           and not np.allclose(raw_norms, 1, atol=1e-3), f"norms {raw_norms.round(3).tolist()}")
+    unasked = c.embed(pngs[:2])
+    check("embed default: the recommended readout", unasked.shape[0] == 2 and unasked.shape[1] != d
+          and np.isfinite(unasked).all(), str(unasked.shape))
     cls = c.embed(pngs[:2], pooling="cls")
     check("embed cls", cls.shape == (2, d) and not np.allclose(cls, emb[:2], atol=1e-3),
           "cls pooling differs from mean")

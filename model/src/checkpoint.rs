@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::config::CrateMaeConfig;
 use crate::error::{ModelError, Result};
 use crate::mae::{CrateMae, Pooling};
+use crate::readout::{WhitenedGrid, WhitenedGridSpec};
 
 /// Key under which our own safetensors files carry their configuration as JSON.
 pub const CONFIG_METADATA_KEY: &str = "crate_mae.config";
@@ -25,6 +26,10 @@ pub const POOLING_METADATA_KEY: &str = "crate_mae.recommended_pooling";
 /// Key under which a safetensors file may declare how images smaller than the model's input
 /// are fitted to it (`pad` or `resize`): what the model was trained on.
 pub const FIT_METADATA_KEY: &str = "crate_mae.small_image_fit";
+
+/// Key under which a safetensors file declares the whitened grid readout it ships (JSON
+/// `{"layer": l, "grid": g}`; the tensors are `whitened_grid.mean` and `.projection`).
+pub const WHITENED_GRID_METADATA_KEY: &str = "crate_mae.whitened_grid";
 
 /// How an image smaller than the model's `S × S` input is fitted to it. Larger images are
 /// always centre-cropped and resized.
@@ -211,6 +216,8 @@ pub struct RawWeights {
     pub recommended_pooling: Option<Pooling>,
     /// How the file says small images are fitted (our safetensors metadata), if it says.
     pub small_image_fit: Option<SmallImageFit>,
+    /// Which tokens the file's whitened grid readout reads (its tensors are in `tensors`).
+    pub whitened_grid: Option<WhitenedGridSpec>,
 }
 
 /// Where weights came from, for `GetModelInfo` and logs.
@@ -285,40 +292,31 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
     let here = Path::new("<memory>");
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| checkpoint_error(here, format!("not a valid safetensors file: {e}")))?;
-    let embedded_config = match metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(CONFIG_METADATA_KEY))
-    {
-        Some(json) => Some(serde_json::from_str(json).map_err(|e| {
-            checkpoint_error(
-                here,
-                format!("metadata `{CONFIG_METADATA_KEY}` is not a valid config: {e}"),
-            )
-        })?),
-        None => None,
-    };
-    let recommended_pooling = match metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(POOLING_METADATA_KEY))
-    {
-        Some(name) => Some(name.parse::<Pooling>().map_err(|e| {
-            checkpoint_error(here, format!("metadata `{POOLING_METADATA_KEY}`: {e}"))
-        })?),
-        None => None,
-    };
-    let small_image_fit =
-        match metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(FIT_METADATA_KEY))
-        {
-            Some(name) => Some(name.parse::<SmallImageFit>().map_err(|e| {
-                checkpoint_error(here, format!("metadata `{FIT_METADATA_KEY}`: {e}"))
-            })?),
-            None => None,
-        };
+    // Each of our metadata entries, parsed, or None when the file does not say.
+    fn entry<T>(
+        metadata: &Option<HashMap<String, String>>,
+        key: &str,
+        parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+    ) -> Result<Option<T>> {
+        match metadata.as_ref().and_then(|m| m.get(key)) {
+            Some(value) => parse(value).map(Some).map_err(|e| {
+                checkpoint_error(Path::new("<memory>"), format!("metadata `{key}`: {e}"))
+            }),
+            None => Ok(None),
+        }
+    }
+    let metadata = metadata.metadata();
+    fn json<T: serde::de::DeserializeOwned>(v: &str) -> std::result::Result<T, String> {
+        serde_json::from_str(v).map_err(|e| e.to_string())
+    }
+    let embedded_config = entry(metadata, CONFIG_METADATA_KEY, json)?;
+    let recommended_pooling = entry(metadata, POOLING_METADATA_KEY, |v| {
+        v.parse::<Pooling>().map_err(|e| e.to_string())
+    })?;
+    let small_image_fit = entry(metadata, FIT_METADATA_KEY, |v| {
+        v.parse::<SmallImageFit>().map_err(|e| e.to_string())
+    })?;
+    let whitened_grid = entry(metadata, WHITENED_GRID_METADATA_KEY, json)?;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| checkpoint_error(here, format!("not a valid safetensors file: {e}")))?;
     let mut tensors = HashMap::new();
@@ -333,6 +331,7 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         embedded_config,
         recommended_pooling,
         small_image_fit,
+        whitened_grid,
     })
 }
 
@@ -364,6 +363,7 @@ fn read_pth(path: &Path, device: &Device) -> Result<RawWeights> {
                     embedded_config: None,
                     recommended_pooling: None,
                     small_image_fit: None,
+                    whitened_grid: None,
                 });
             }
             Ok(_) => {}
@@ -555,14 +555,36 @@ fn build(
         embedded_config,
         recommended_pooling,
         small_image_fit,
+        whitened_grid,
     } = raw;
+    let mut take = |name: &str| {
+        tensors.remove(name).ok_or_else(|| {
+            checkpoint_error(
+                Path::new(&source),
+                format!(
+                    "metadata `{WHITENED_GRID_METADATA_KEY}` is set but tensor `{name}` is missing"
+                ),
+            )
+        })
+    };
+    let readout = match whitened_grid {
+        Some(spec) => Some((
+            spec,
+            take(WhitenedGrid::MEAN)?,
+            take(WhitenedGrid::PROJECTION)?,
+        )),
+        None => None,
+    };
     let cfg = match (&options.config, embedded_config) {
         (Some(cfg), _) => cfg.clone(),
         (None, embedded) => infer_config(&tensors, &embedded.unwrap_or_default(), options.heads)?,
     };
     cfg.validate()?;
     let unexpected = check_tensors(&mut tensors, &cfg)?;
-    let model = model_from_tensors(tensors, &cfg, device)?;
+    let mut model = model_from_tensors(tensors, &cfg, device)?;
+    if let Some((spec, mean, projection)) = readout {
+        model = model.with_whitened_grid(spec, mean, projection)?;
+    }
     Ok((
         model,
         WeightsInfo {
@@ -581,6 +603,8 @@ fn build(
 pub struct ServingMetadata {
     pub recommended_pooling: Option<Pooling>,
     pub small_image_fit: Option<SmallImageFit>,
+    /// Set when `tensors` include a whitened grid readout's two tensors.
+    pub whitened_grid: Option<WhitenedGridSpec>,
 }
 
 /// Writes tensors as safetensors with the configuration (and, when known, the recommended
@@ -602,6 +626,12 @@ pub fn save_safetensors(
     }
     if let Some(fit) = serving.small_image_fit {
         metadata.insert(FIT_METADATA_KEY.to_string(), fit.name().to_string());
+    }
+    if let Some(spec) = serving.whitened_grid {
+        metadata.insert(
+            WHITENED_GRID_METADATA_KEY.to_string(),
+            serde_json::to_string(&spec).map_err(|e| ModelError::Config(e.to_string()))?,
+        );
     }
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()

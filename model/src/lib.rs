@@ -20,6 +20,7 @@ pub mod masking;
 pub mod mssa;
 pub mod ops;
 pub mod patch_embed;
+pub mod readout;
 
 pub use checkpoint::{LoadOptions, WeightsFormat, WeightsInfo};
 pub use config::CrateMaeConfig;
@@ -28,3 +29,4 @@ pub use diagnostics::LayerDiagnostics;
 pub use error::{ModelError, Result};
 pub use mae::{Completion, CrateMae, DecoderTrace, Encoded, EncoderTrace, Keep, Pooling};
 pub use masking::Mask;
+pub use readout::{WhitenedGrid, WhitenedGridSpec};

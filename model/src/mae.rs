@@ -23,6 +23,7 @@ use crate::error::{ModelError, Result};
 use crate::masking::Mask;
 use crate::ops::{LayerNorm, Linear};
 use crate::patch_embed::{patchify, unpatchify, PatchEmbed};
+use crate::readout::{WhitenedGrid, WhitenedGridSpec};
 
 /// How a `[B, N, d]` token sequence becomes one vector per image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,6 +33,10 @@ pub enum Pooling {
     Cls,
     /// Mean of the patch tokens.
     Mean,
+    /// The model's whitened grid readout ([`crate::readout::WhitenedGrid`]): one block's
+    /// patch tokens averaged over a grid of regions, centred and PCA-whitened by a projection
+    /// fitted on the training images. Only for models whose weights carry one.
+    WhitenedGrid,
 }
 
 impl Pooling {
@@ -39,6 +44,7 @@ impl Pooling {
         match self {
             Self::Cls => "cls",
             Self::Mean => "mean",
+            Self::WhitenedGrid => "whitened-grid",
         }
     }
 }
@@ -49,8 +55,9 @@ impl std::str::FromStr for Pooling {
         match s {
             "cls" => Ok(Self::Cls),
             "mean" => Ok(Self::Mean),
+            "whitened-grid" => Ok(Self::WhitenedGrid),
             other => Err(ModelError::input(format!(
-                "unknown pooling `{other}` (expected cls or mean)"
+                "unknown pooling `{other}` (expected cls, mean or whitened-grid)"
             ))),
         }
     }
@@ -149,6 +156,8 @@ pub struct CrateMae {
     cpu: Option<Arc<CpuEncoder>>,
     /// The CPU engine's decoder pass (f32; CPU, inference weights only).
     cpu_decoder: Option<Arc<CpuDecoder>>,
+    /// The retrieval readout the weights ship, if any.
+    whitened_grid: Option<WhitenedGrid>,
 }
 
 impl CrateMae {
@@ -178,6 +187,7 @@ impl CrateMae {
             precision: Precision::F32,
             cpu: None,
             cpu_decoder: None,
+            whitened_grid: None,
             cfg: cfg.clone(),
         };
         let inference = !model.cls_token.track_op();
@@ -260,11 +270,41 @@ impl CrateMae {
             },
             cpu: None,
             cpu_decoder: None,
+            whitened_grid: self.whitened_grid.clone(),
         })
     }
 
     pub fn config(&self) -> &CrateMaeConfig {
         &self.cfg
+    }
+
+    /// The same model carrying a whitened grid readout (checked against its shape).
+    pub fn with_whitened_grid(
+        mut self,
+        spec: WhitenedGridSpec,
+        mean: Tensor,
+        projection: Tensor,
+    ) -> Result<Self> {
+        let readout = WhitenedGrid::new(spec, mean, projection, self.cfg.dim, self.cfg.depth)?;
+        self.whitened_grid = Some(readout);
+        Ok(self)
+    }
+
+    /// The whitened grid readout the weights ship, if any.
+    pub fn whitened_grid(&self) -> Option<&WhitenedGrid> {
+        self.whitened_grid.as_ref()
+    }
+
+    /// `[B, N, d]` tokens → `[B, dim]` by `pooling`. For the whitened grid the tokens must
+    /// be block `whitened_grid().spec.layer`'s output.
+    pub fn pool(&self, tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {
+        match (pooling, &self.whitened_grid) {
+            (Pooling::WhitenedGrid, Some(readout)) => readout.apply(tokens),
+            (Pooling::WhitenedGrid, None) => Err(ModelError::input(
+                "this model's weights carry no whitened-grid readout: use cls or mean pooling",
+            )),
+            (other, _) => pool(tokens, other),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -677,11 +717,18 @@ impl CrateMae {
 }
 
 /// `[B, N, d]` → `[B, d]`.
+/// Cls or mean pooling of `[B, N, d]` tokens; the whitened grid needs the model's own
+/// projection ([`CrateMae::pool`]).
 pub fn pool(tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {
     let n = tokens.dim(1)?;
     Ok(match pooling {
         Pooling::Cls => tokens.narrow(1, 0, 1)?.squeeze(1)?,
         Pooling::Mean => tokens.narrow(1, 1, n - 1)?.mean(1)?,
+        Pooling::WhitenedGrid => {
+            return Err(ModelError::input(
+                "whitened-grid pooling needs the model's projection (CrateMae::pool)",
+            ))
+        }
     })
 }
 

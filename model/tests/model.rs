@@ -7,7 +7,9 @@ use std::io::Write;
 use anyhow::Result;
 use candle_core::{Device, IndexOp, Tensor};
 use crate_mae::checkpoint::{self, LoadOptions};
-use crate_mae::{init, CrateMae, CrateMaeConfig, Keep, Mask, ModelError, Pooling};
+use crate_mae::{
+    init, CrateMae, CrateMaeConfig, Keep, Mask, ModelError, Pooling, WhitenedGrid, WhitenedGridSpec,
+};
 
 fn small_config() -> CrateMaeConfig {
     CrateMaeConfig {
@@ -217,6 +219,74 @@ fn write_temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
+/// A whitened grid saved with the weights comes back with them, pools as its definition
+/// says, and a file that declares one without its tensors is refused by name.
+#[test]
+fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
+    let cfg = small_config();
+    let dev = Device::Cpu;
+    let mut weights = init::random_weights(&cfg, 3, &dev)?;
+    let spec = WhitenedGridSpec { layer: 1, grid: 2 };
+    let pooled = 4 * cfg.dim;
+    let mean = Tensor::randn(0f32, 1.0, pooled, &dev)?;
+    let projection = Tensor::randn(0f32, 1.0, (pooled, 5), &dev)?;
+    weights.insert(WhitenedGrid::MEAN.into(), mean.clone());
+    weights.insert(WhitenedGrid::PROJECTION.into(), projection.clone());
+    let serving = checkpoint::ServingMetadata {
+        recommended_pooling: Some(Pooling::WhitenedGrid),
+        whitened_grid: Some(spec),
+        ..Default::default()
+    };
+    let path =
+        std::env::temp_dir().join(format!("crate-mae-wg-{}.safetensors", std::process::id()));
+    checkpoint::save_safetensors(&weights, &cfg, serving, &path)?;
+    let (m, info) = checkpoint::load(&path, &LoadOptions::default(), &dev)?;
+    assert_eq!(info.recommended_pooling, Some(Pooling::WhitenedGrid));
+    assert!(info.unexpected.is_empty(), "{:?}", info.unexpected);
+    let readout = m.whitened_grid().expect("the readout came back");
+    assert_eq!((readout.spec, readout.dim()), (spec, 5));
+
+    let x = Tensor::randn(0f32, 1.0, (2, 3, cfg.img_size, cfg.img_size), &dev)?;
+    let keep = Keep {
+        outputs: [1].into(),
+        ..Keep::default()
+    };
+    let tokens = m
+        .encode_keeping(&x, None, &keep)?
+        .outputs
+        .remove(&1)
+        .unwrap();
+    let got = m.pool(&tokens, Pooling::WhitenedGrid)?;
+    let want = crate_mae::readout::grid_pool(&tokens, 2)?
+        .broadcast_sub(&mean)?
+        .matmul(&projection)?;
+    let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(
+        err < 1e-4,
+        "whitened grid differs from its definition by {err}"
+    );
+    assert!(crate_mae::mae::pool(&tokens, Pooling::WhitenedGrid).is_err());
+
+    // Declared but missing: refused, naming the tensor.
+    weights.remove(WhitenedGrid::PROJECTION);
+    checkpoint::save_safetensors(&weights, &cfg, serving, &path)?;
+    let err = checkpoint::load(&path, &LoadOptions::default(), &dev).unwrap_err();
+    assert!(err.to_string().contains(WhitenedGrid::PROJECTION), "{err}");
+    // A model without one refuses the pooling with a message, never a panic.
+    let (plain, _) = checkpoint::load(
+        &path_of_plain(&init::random_weights(&cfg, 3, &dev)?, &cfg)?,
+        &LoadOptions::default(),
+        &dev,
+    )?;
+    let err = plain.pool(&tokens, Pooling::WhitenedGrid).unwrap_err();
+    assert!(
+        err.to_string().contains("no whitened-grid readout"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
 #[test]
 fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     let cfg = small_config();
@@ -242,6 +312,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         checkpoint::ServingMetadata {
             recommended_pooling: Some(Pooling::Cls),
             small_image_fit: Some(checkpoint::SmallImageFit::Pad),
+            whitened_grid: None,
         },
         &good,
     )?;

@@ -11,13 +11,14 @@ use crate_mae::{device, init, CrateMae, CrateMaeConfig, Pooling, Precision};
 
 use crate::config::Config;
 use crate::engine::CandleBackend;
-use crate::engine::ModelFacts;
+use crate::engine::{ModelFacts, WhitenedGridFacts};
 
 /// The built-in model's weights (safetensors with the config embedded).
 const BUILT_IN_WEIGHTS: &[u8] = include_bytes!("../assets/default-model/model.safetensors");
 const BUILT_IN_SOURCE: &str =
     "built-in: CRATE-MAE trained on Fashion-MNIST (server/assets/default-model)";
-/// Its model card: mean pooling beats the cls token by 2.6 points of 20-NN accuracy.
+/// What the built-in model is served with if its weights did not say (they do: `eval
+/// --export` writes the recommended pooling and the fit into the file).
 const BUILT_IN_POOLING: Pooling = Pooling::Mean;
 /// It was trained on 28×28 images padded onto 32×32: a 28×28 PNG is padded the same way.
 const BUILT_IN_FIT: SmallImageFit = SmallImageFit::Pad;
@@ -94,16 +95,17 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         }
         None => choose_precision(model, config.max_batch_size())?,
     };
-    let recommended_pooling = if built_in {
-        BUILT_IN_POOLING
+    let (pooling_fallback, fit_fallback) = if built_in {
+        (BUILT_IN_POOLING, BUILT_IN_FIT)
     } else {
-        weights.recommended_pooling.unwrap_or_default()
+        Default::default()
     };
-    let small_image_fit = if built_in {
-        BUILT_IN_FIT
-    } else {
-        weights.small_image_fit.unwrap_or_default()
-    };
+    let recommended_pooling = weights.recommended_pooling.unwrap_or(pooling_fallback);
+    let small_image_fit = weights.small_image_fit.unwrap_or(fit_fallback);
+    let whitened_grid = model.whitened_grid().map(|w| WhitenedGridFacts {
+        spec: w.spec,
+        dim: w.dim(),
+    });
     let facts = ModelFacts {
         config: model.config().clone(),
         device: device::describe(model.device()),
@@ -114,6 +116,7 @@ pub fn load(config: &Config) -> Result<CandleBackend, String> {
         kernel: model.kernel(),
         recommended_pooling,
         small_image_fit,
+        whitened_grid,
     };
     tracing::info!(
         weights = %facts.weights.source,

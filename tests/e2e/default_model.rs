@@ -25,6 +25,17 @@ fn fashion_mnist_fixtures() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The built-in model's server, a client, and what `GetModelInfo` says.
+async fn built_in() -> (Server, CrateMaeClient<Channel>, pb::ModelInfo) {
+    let (server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    (server, client, info)
+}
+
 /// Summed squared error (values in [0, 1]) of `prediction` and of a fill with the mean colour
 /// of the visible pixels, over the masked patches only; and how many values were compared.
 fn masked_patch_errors(
@@ -62,12 +73,7 @@ fn masked_patch_errors(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn built_in_model_is_trained_and_completes_better_than_mean_colour_fill() {
-    let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
-    let info = client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (_server, mut client, info) = built_in().await;
     assert!(
         !info.random_weights && !info.name.contains("RANDOM"),
         "{info:?}"
@@ -172,12 +178,7 @@ async fn serial_calls_do_not_wait_for_delayed_acks() {
 /// padded 32×32 picture does (a resize would blur it into another image).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_images_are_fitted_as_the_built_in_model_was_trained() {
-    let (_server, mut client) = Server::ready_with(Weights::BuiltIn, &[], &[], None).await;
-    let info = client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (_server, mut client, info) = built_in().await;
     assert_eq!(info.small_image_fit, "pad");
     for (name, padded) in fashion_mnist_fixtures().into_iter().take(3) {
         let picture = image::load_from_memory(&padded).unwrap().to_rgb8();
@@ -195,4 +196,100 @@ async fn small_images_are_fitted_as_the_built_in_model_was_trained() {
             "{name}: the 28×28 PNG embeds {diff} away from the padded one"
         );
     }
+}
+
+/// What `Embed` returns unasked is the readout the model card recommends: the whitened grid
+/// the weights ship, with its width in `GetModelInfo`; the other poolings stay available, and
+/// a `layer` the readout does not read is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_default_embedding_is_the_whitened_grid_the_weights_ship() {
+    let (_server, mut client, info) = built_in().await;
+    assert_eq!(info.recommended_pooling, pb::Pooling::WhitenedGrid as i32);
+    let grid = info
+        .whitened_grid
+        .expect("the built-in weights ship a whitened grid");
+    assert_eq!(info.embedding_dim, grid.dim);
+    assert!(
+        grid.layer < info.depth && grid.grid > 1 && grid.dim > 0,
+        "{grid:?}"
+    );
+    let images: Vec<_> = fashion_mnist_fixtures()
+        .into_iter()
+        .take(MAX_IMAGES)
+        .map(|(_, png)| encoded(png))
+        .collect();
+    let unasked = client
+        .embed(embed_request(images.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unasked.dim, grid.dim);
+    assert!(unasked
+        .embeddings
+        .iter()
+        .all(|e| e.values.len() == grid.dim as usize && e.values.iter().all(|v| v.is_finite())));
+    // Different garments get different vectors (a broken projection would collapse them).
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let e = &unasked.embeddings;
+    assert!(
+        cosine(&e[0].values, &e[1].values) < 0.9,
+        "two classes embed alike"
+    );
+    let asked = client
+        .embed(EmbedRequest {
+            pooling: pb::Pooling::WhitenedGrid as i32,
+            layer: Some(grid.layer),
+            ..embed_request(images[..1].to_vec())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(max_abs_diff(&asked.embeddings[0].values, &e[0].values) <= 1e-5);
+    let mean = client
+        .embed(EmbedRequest {
+            pooling: pb::Pooling::Mean as i32,
+            ..embed_request(images[..1].to_vec())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mean.dim, info.dim);
+    // Patch tokens stay the final encoder's whatever the pooling reads.
+    let tokens = |pooling: pb::Pooling| EmbedRequest {
+        pooling: pooling as i32,
+        include_patch_tokens: true,
+        ..embed_request(images[..1].to_vec())
+    };
+    let a = client
+        .embed(tokens(pb::Pooling::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .embed(tokens(pb::Pooling::Mean))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!a.embeddings[0].patch_tokens.is_empty());
+    assert_eq!(a.embeddings[0].patch_tokens, b.embeddings[0].patch_tokens);
+    let other = (grid.layer + 1) % info.depth;
+    let status = client
+        .embed(EmbedRequest {
+            layer: Some(other),
+            ..embed_request(images[..1].to_vec())
+        })
+        .await
+        .expect_err("the whitened grid reads one layer only");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains(&format!("reads layer {}", grid.layer)),
+        "{}",
+        status.message()
+    );
 }

@@ -85,6 +85,15 @@ async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
             "layer 99",
         ),
         (
+            "whitened grid on a model without one",
+            EmbedRequest {
+                pooling: pb::Pooling::WhitenedGrid as i32,
+                ..embed_request(vec![encoded(good.clone())])
+            },
+            Code::InvalidArgument,
+            "no whitened grid",
+        ),
+        (
             "second image bad",
             embed_request(vec![encoded(good.clone()), encoded(b"xx".to_vec())]),
             Code::InvalidArgument,

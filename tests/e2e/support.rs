@@ -41,12 +41,23 @@ pub fn rss_mib(pid: u32) -> f64 {
     memory_mib(pid, "VmRSS")
 }
 
+/// A loopback port nobody listens on, never the same one twice in this process: tests start
+/// servers in parallel, and the OS may hand a just-released port to the next caller before
+/// the first server has bound it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Which weights a test server runs.

@@ -100,10 +100,10 @@ async def run(args):
     ins = {t.name: (t.datatype, list(t.shape)) for t in meta.inputs}
     outs = {t.name: (t.datatype, list(t.shape)) for t in meta.outputs}
     s = ins["pixels"][1][2]
-    d, L = outs["embedding"][1][1], (s // 4) ** 2
+    d, L = 128, (s // 4) ** 2  # the built-in model's width (pooling mean, patch tokens); the embedding's depends on the pooling: -1
     # patch_tokens is returned only when named, so it is not listed.
     check("ModelMetadata", ins == {"image": ("BYTES", [-1, 1]), "pixels": ("FP32", [-1, 3, s, s])}
-          and outs == {"embedding": ("FP32", [-1, d])}
+          and outs == {"embedding": ("FP32", [-1, -1])}
           and (s, d, L) == (32, 128, 64), f"S={s} d={d} L={L} version {version}")
     await expect_error("ModelMetadata(unknown) → NOT_FOUND", grpc.StatusCode.NOT_FOUND,
                        stub.ModelMetadata(pb.ModelMetadataRequest(name="no-such-model"), timeout=10))
@@ -126,9 +126,9 @@ async def run(args):
     px = np.concatenate([rng.normal(size=(1, 3, s, s)).astype(np.float32)] * 2
                         + [np.zeros((1, 3, s, s), np.float32)])
     outputs = [RequestedOutput("embedding"), RequestedOutput("patch_tokens")]
-    a = await c.infer(request(EMBED, raw("pixels", px, "FP32"), request_outputs=outputs))
+    a = await c.infer(request(EMBED, raw("pixels", px, "FP32"), request_outputs=outputs, parameters=params))
     b = await c.infer(request(EMBED, typed("pixels", list(px.shape), "FP32", px.ravel().tolist()),
-                              request_outputs=outputs))
+                              request_outputs=outputs, parameters=params))
     ea, eb = (x.get_output_by_name("embedding").as_numpy() for x in (a, b))
     check("infer FP32 raw and typed", ea.shape == (3, d) and np.allclose(ea, eb, atol=1e-6),
           f"max |raw - typed| {np.abs(ea - eb).max():.2e}")

@@ -85,8 +85,9 @@ async def run(args):
     s = 32
     zeros = np.zeros((1, 3, s, s), dtype=np.float32)
     r = await c.infer(base, InferRequest(model_name=EMBED, infer_inputs=[
-        InferInput("pixels", [1, 3, s, s], "FP32", data=zeros.flatten().tolist())]), model_name=EMBED)
-    check("infer FP32 pixels as JSON", r.outputs[0].as_numpy().shape == (1, 128))
+        InferInput("pixels", [1, 3, s, s], "FP32", data=zeros.flatten().tolist())], parameters=params),
+        model_name=EMBED)
+    check("infer FP32 pixels as JSON", r.outputs[0].as_numpy().shape == (1, ref.shape[1]))
 
     r = await c.infer(base, InferRequest(model_name=COMPLETE, infer_inputs=[binary("image", files[:2], "BYTES")],
                                          parameters={"seed": 5},

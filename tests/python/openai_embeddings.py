@@ -63,18 +63,25 @@ def main():
             time.sleep(0.2)
     check("models.list", [m.id for m in models.data] == [MODEL], str(models.data))
 
-    r = c.embeddings.create(model=MODEL, input=uris)
+    # The reference is mean pooling; unasked, the model's recommended readout is served.
+    mean = {"pooling": "mean"}
+    r = c.embeddings.create(model=MODEL, input=uris, extra_body=mean)
     emb = np.array([d.embedding for d in r.data], dtype=np.float32)
     diff = np.abs(emb - ref).max()
     check("embeddings.create (base64 on the wire) == gRPC Embed", emb.shape == ref.shape
           and [d.index for d in r.data] == list(range(10)) and diff <= 1e-6, f"max |diff| {diff:.2e}")
     check("model and usage", r.model == MODEL and r.usage.prompt_tokens == 10 * 65
           and r.usage.total_tokens == r.usage.prompt_tokens, str(r.usage))
-    r = c.embeddings.create(model=MODEL, input=uris[0], encoding_format="float", dimensions=ref.shape[1])
+    r = c.embeddings.create(model=MODEL, input=uris[0], encoding_format="float", dimensions=ref.shape[1],
+                            extra_body=mean)
     diff = np.abs(np.array(r.data[0].embedding, dtype=np.float32) - ref[0]).max()
     check("one input, float, dimensions = the model's", len(r.data) == 1 and diff <= 1e-6, f"{diff:.2e}")
     cls = c.embeddings.create(model=MODEL, input=uris[:1], extra_body={"pooling": "cls"})
     check("extra_body pooling", not np.allclose(cls.data[0].embedding, ref[0], atol=1e-3))
+    unasked = c.embeddings.create(model=MODEL, input=uris[:1])
+    width = len(unasked.data[0].embedding)
+    check("unasked: the recommended readout, unit norm", width != ref.shape[1]
+          and abs(np.linalg.norm(unasked.data[0].embedding) - 1) < 1e-4, f"width {width}")
 
     expect("dimensions it cannot serve → BadRequestError", openai.BadRequestError,
            lambda: c.embeddings.create(model=MODEL, input=uris[0], dimensions=64), "dimensions")

@@ -3,13 +3,14 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use crate_mae::{diagnostics, mae, CrateMae, Keep, Mask, Pooling};
+use crate_mae::{diagnostics, mae, readout, CrateMae, Keep, Mask, Pooling};
 use nalgebra::DMatrix;
 use serde::Serialize;
 
 use crate::data::Split;
 
 /// `n × d` features, row-major.
+#[derive(Clone)]
 pub struct Features {
     pub values: Vec<f32>,
     pub dim: usize,
@@ -48,18 +49,6 @@ fn region_grids(patch_grid: usize) -> Vec<usize> {
         .into_iter()
         .filter(|&k| k < patch_grid && patch_grid.is_multiple_of(k))
         .collect()
-}
-
-/// `[B, 1 + L, d]` tokens → `[B, k·k·d]`: patch tokens averaged within each of k×k regions.
-fn grid_pool(tokens: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, n, d) = tokens.dims3()?;
-    let g = ((n - 1) as f64).sqrt() as usize;
-    let patches = tokens.narrow(1, 1, n - 1)?;
-    Ok(patches
-        .reshape((b, k, g / k, k, g / k, d))?
-        .mean(4)?
-        .mean(2)?
-        .reshape((b, k * k * d))?)
 }
 
 /// Every readout of every image, from one encoder pass per batch.
@@ -108,7 +97,11 @@ pub fn readouts(model: &CrateMae, split: &Split, device: &Device) -> Result<Vec<
             ]
             .into_iter()
             .map(Ok)
-            .chain(grids.iter().map(|&k| grid_pool(&tokens, k)));
+            .chain(
+                grids
+                    .iter()
+                    .map(|&k| readout::grid_pool(&tokens, k).map_err(anyhow::Error::from)),
+            );
             for (j, features) in pooled.enumerate() {
                 out[poolings.len() * i + j]
                     .features
@@ -118,6 +111,70 @@ pub fn readouts(model: &CrateMae, split: &Split, device: &Device) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// Principal components of some feature rows: the mean, and the eigenvectors of the
+/// covariance by decreasing eigenvalue (what a whitening keeps the first k of).
+pub struct Pca {
+    mean: Vec<f32>,
+    /// `D × D`, column j the j-th component.
+    vectors: DMatrix<f64>,
+    values: Vec<f64>,
+}
+
+impl Pca {
+    /// Fitted on `rows` of `features` (no labels).
+    pub fn fit(features: &Features, rows: std::ops::Range<usize>) -> Result<Self> {
+        let d = features.dim;
+        let part = features.slice(rows);
+        let x = Tensor::from_slice(&part.values, (part.rows(), d), &Device::Cpu)?;
+        let mean = x.mean(0)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let cov = (centred.t()?.matmul(&centred)? / part.rows() as f64)?;
+        let cov =
+            DMatrix::from_row_slice(d, d, &cov.flatten_all()?.to_vec1::<f32>()?).map(|v| v as f64);
+        let eigen = cov.symmetric_eigen();
+        let mut order: Vec<usize> = (0..d).collect();
+        order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
+        Ok(Self {
+            mean: mean.to_vec1()?,
+            vectors: DMatrix::from_fn(d, d, |i, j| eigen.eigenvectors[(i, order[j])]),
+            values: order.iter().map(|&j| eigen.eigenvalues[j]).collect(),
+        })
+    }
+
+    /// The mean (`[D]`) and the whitening projection (`[D, k]`, row-major): the first k
+    /// components, each divided by its standard deviation (floored at 10⁻⁵ of the largest,
+    /// so a near-empty direction is not blown up into noise).
+    pub fn whitening(&self, k: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.mean.len();
+        let k = k.min(d);
+        let floor = self.values[0].max(1e-12) * 1e-5;
+        let scale: Vec<f64> = self.values[..k]
+            .iter()
+            .map(|&v| 1.0 / v.max(floor).sqrt())
+            .collect();
+        let projection = (0..d)
+            .flat_map(|i| (0..k).map(move |j| (i, j)))
+            .map(|(i, j)| (self.vectors[(i, j)] * scale[j]) as f32)
+            .collect();
+        (self.mean.clone(), projection)
+    }
+}
+
+/// `(features − mean) · projection`, as [`readout::WhitenedGrid`] serves it.
+pub fn whiten(features: &Features, mean: &[f32], projection: &[f32]) -> Result<Features> {
+    let d = features.dim;
+    let k = projection.len() / d;
+    let dev = Device::Cpu;
+    let x = Tensor::from_slice(&features.values, (features.rows(), d), &dev)?;
+    let out = x
+        .broadcast_sub(&Tensor::from_slice(mean, d, &dev)?)?
+        .matmul(&Tensor::from_slice(projection, (d, k), &dev)?)?;
+    Ok(Features {
+        values: out.flatten_all()?.to_vec1()?,
+        dim: k,
+    })
 }
 
 /// Normalised pixels as features (the baseline to beat).
@@ -371,6 +428,42 @@ pub fn white_box(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whitened features have zero mean and identity covariance on the rows they were fitted
+    /// on, whatever the scale and correlation of the input; keeping k < D keeps the k
+    /// directions of largest variance.
+    #[test]
+    fn whitening_decorrelates_and_scales_to_unit_variance() {
+        let (n, d) = (400, 6);
+        // Correlated columns with very different scales.
+        let values: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let a = ((i * 7919 % 101) as f32 / 50.0) - 1.0;
+                let b = ((i * 104729 % 97) as f32 / 48.0) - 1.0;
+                let c = ((i * 1299709 % 89) as f32 / 44.0) - 1.0;
+                [100.0 * a, a + b, 0.1 * c, 3.0 + b, a - c, 0.5 * b + 2.0 * c]
+            })
+            .collect();
+        let features = Features { values, dim: d };
+        let pca = Pca::fit(&features, 0..n).unwrap();
+        let (mean, projection) = pca.whitening(3);
+        let w = whiten(&features, &mean, &projection).unwrap();
+        assert_eq!(w.dim, 3);
+        for a in 0..3 {
+            let mu = (0..n).map(|i| w.values[i * 3 + a] as f64).sum::<f64>() / n as f64;
+            assert!(mu.abs() < 1e-3, "component {a} has mean {mu}");
+            for b in 0..3 {
+                let cov = (0..n)
+                    .map(|i| w.values[i * 3 + a] as f64 * w.values[i * 3 + b] as f64)
+                    .sum::<f64>()
+                    / n as f64;
+                let want = if a == b { 1.0 } else { 0.0 };
+                assert!((cov - want).abs() < 1e-3, "cov[{a}][{b}] = {cov}");
+            }
+        }
+        // The first component is the 100×-scaled column's direction.
+        assert!(projection[0].abs() > projection[3].abs());
+    }
 
     /// Ten well-separated clusters: every probe must be perfect; with shuffled labels, near
     /// chance.

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
-use crate_mae::{checkpoint, CrateMaeConfig, LoadOptions, Pooling};
+use crate_mae::{checkpoint, CrateMaeConfig, LoadOptions, Pooling, WhitenedGrid, WhitenedGridSpec};
 use serde_json::json;
 
 use data::Split;
@@ -106,6 +107,11 @@ struct TrainArgs {
     validation_images: usize,
     #[arg(long)]
     no_flip: bool,
+    /// Start from these weights instead of the official initialisation: a further stage of
+    /// training for a finished model, with this recipe's own schedule and fresh optimizer
+    /// moments (the architecture flags must describe the same model).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -177,6 +183,7 @@ fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         validation_images: val.len(),
         horizontal_flip: !args.no_flip,
+        init_from: args.init_from.as_ref().map(|p| p.display().to_string()),
     };
     println!(
         "CRATE-MAE d{} depth {} heads {} patch {} ({:.2} M parameters); {} train / {} validation images; normalisation mean {mean:.4} std {std:.4}",
@@ -187,7 +194,14 @@ fn train(args: TrainArgs) -> Result<()> {
         args.out.join("recipe.json"),
         serde_json::to_string_pretty(&json!({"config": cfg, "recipe": recipe}))?,
     )?;
-    let mut trainer = Trainer::new(cfg, recipe, &args.out, args.resume, &device)?;
+    let mut trainer = Trainer::new(
+        cfg,
+        recipe,
+        &args.out,
+        args.resume,
+        args.init_from.as_deref(),
+        &device,
+    )?;
     trainer.run_chunk(&train, &val, args.chunk_epochs)?;
     if trainer.log.epochs_done < trainer.recipe.epochs {
         println!(
@@ -209,50 +223,131 @@ fn eval(args: EvalArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let train_readouts = eval::readouts(&model, &train, &device)?;
     let test_readouts = eval::readouts(&model, &test, &device)?;
-    // The headline readout (layer and pooling) is chosen by 20-NN on validation rows carved
-    // from train, never on the test split.
+    // Readouts are chosen by 20-NN on validation rows carved from train, never on the test
+    // split: the last sixth of train is the gallery's queries, the rest the gallery (and the
+    // rows every whitening is fitted on).
     let n = train.len();
     let fit_rows = n - val.min(n / 2);
-    let mut validation = serde_json::Map::new();
-    let mut best = (f64::NEG_INFINITY, 0);
-    for (i, r) in train_readouts.iter().enumerate() {
-        let acc = eval::knn(
-            &r.features.slice(0..fit_rows),
+    let validation_knn20 = |train_features: &eval::Features| -> Result<f64> {
+        Ok(eval::knn(
+            &train_features.slice(0..fit_rows),
             &train.labels[..fit_rows],
-            &r.features.slice(fit_rows..n),
+            &train_features.slice(fit_rows..n),
             &train.labels[fit_rows..],
             &[20],
-        )?[0];
-        println!("validation 20-NN {:>12}: {:.2} %", r.name, acc * 100.0);
+        )?[0])
+    };
+    let mut validation = serde_json::Map::new();
+    for r in &train_readouts {
+        let acc = validation_knn20(&r.features)?;
+        println!("validation 20-NN {:>24}: {:.2} %", r.name, acc * 100.0);
         validation.insert(r.name.clone(), json!(acc));
-        if acc > best.0 {
-            best = (acc, i);
+    }
+    // Whitened grids of each block's output, at a few widths.
+    let mut whitened = Vec::new();
+    for (l, r) in train_readouts.iter().enumerate().filter_map(|(i, r)| {
+        r.name
+            .strip_prefix("layer")
+            .and_then(|rest| rest.strip_suffix(&format!(".grid{WHITENED_GRID}")))
+            .and_then(|l| l.parse::<usize>().ok())
+            .map(|l| (l, &train_readouts[i]))
+    }) {
+        let pca = eval::Pca::fit(&r.features, 0..fit_rows)?;
+        for k in WHITENED_WIDTHS {
+            let (mean, projection) = pca.whitening(k);
+            let acc = validation_knn20(&eval::whiten(&r.features, &mean, &projection)?)?;
+            let name = whitened_name(l, k);
+            println!("validation 20-NN {name:>24}: {:.2} %", acc * 100.0);
+            validation.insert(name, json!(acc));
+            whitened.push((l, k));
         }
     }
-    let selected = train_readouts[best.1].name.clone();
-    let recommended = recommended_pooling(&validation)?;
+    let accuracy = |name: &str| {
+        validation
+            .get(name)
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NEG_INFINITY)
+    };
+    let selected = validation
+        .keys()
+        .max_by(|a, b| accuracy(a).total_cmp(&accuracy(b)))
+        .context("no readouts")?
+        .clone();
+    let served = ServedReadout::choose(&whitened, accuracy);
     println!(
-        "recommended pooling (validation 20-NN of the final readouts): {}",
-        recommended.name()
+        "served by default (validation 20-NN of what Embed can serve unasked): {}",
+        served.name()
     );
+    // The served whitening is refitted on every training image.
+    let whitening = match served {
+        ServedReadout::Whitened { layer, k } => {
+            let i = readout_index(
+                &train_readouts,
+                &format!("layer{layer}.grid{WHITENED_GRID}"),
+            )?;
+            Some(eval::Pca::fit(&train_readouts[i].features, 0..n)?.whitening(k))
+        }
+        ServedReadout::Pooled(_) => None,
+    };
+    // Each probe row's features: a readout as it is, or whitened.
+    let features = |name: &str| -> Result<(eval::Features, eval::Features)> {
+        if let Some((layer, k)) = whitened.iter().find(|(l, k)| whitened_name(*l, *k) == name) {
+            let i = readout_index(
+                &train_readouts,
+                &format!("layer{layer}.grid{WHITENED_GRID}"),
+            )?;
+            let (mean, projection) = match (&whitening, served) {
+                (Some(w), ServedReadout::Whitened { layer: sl, k: sk })
+                    if sl == *layer && sk == *k =>
+                {
+                    w.clone()
+                }
+                _ => eval::Pca::fit(&train_readouts[i].features, 0..n)?.whitening(*k),
+            };
+            return Ok((
+                eval::whiten(&train_readouts[i].features, &mean, &projection)?,
+                eval::whiten(&test_readouts[i].features, &mean, &projection)?,
+            ));
+        }
+        let i = readout_index(&train_readouts, name)?;
+        Ok((
+            train_readouts[i].features.clone(),
+            test_readouts[i].features.clone(),
+        ))
+    };
+    // k-NN and the linear probe of one feature set on test, printed and kept.
     let mut probes = serde_json::Map::new();
-    for (label, readout) in [
-        ("cls", "final.cls"),
-        ("mean", "final.mean"),
-        ("selected", selected.as_str()),
-    ] {
-        let i = train_readouts
-            .iter()
-            .position(|r| r.name == readout)
-            .context("readout")?;
-        let (tr, te) = (&train_readouts[i].features, &test_readouts[i].features);
+    let mut probe = |label: &str,
+                     readout: Option<&str>,
+                     tr: &eval::Features,
+                     te: &eval::Features|
+     -> Result<()> {
         let knn = eval::knn(tr, &train.labels, te, &test.labels, &[20, 5])?;
         let (linear, alpha) = eval::ridge_probe(tr, &train.labels, te, &test.labels, val);
-        println!("{label:>8} ({readout}): 20-NN {:.2} %, 5-NN {:.2} %, linear probe {:.2} % (ridge α {alpha})", knn[0] * 100.0, knn[1] * 100.0, linear * 100.0);
+        println!(
+            "{label:>16} ({}): 20-NN {:.2} %, 5-NN {:.2} %, linear probe {:.2} % (ridge α {alpha})",
+            readout.unwrap_or("-"),
+            knn[0] * 100.0,
+            knn[1] * 100.0,
+            linear * 100.0
+        );
         probes.insert(
             label.into(),
-            json!({"readout": readout, "knn20": knn[0], "knn5": knn[1], "linear_probe": linear, "ridge_alpha": alpha}),
+            json!({"readout": readout, "dim": tr.dim, "knn20": knn[0], "knn5": knn[1], "linear_probe": linear, "ridge_alpha": alpha}),
         );
+        Ok(())
+    };
+    let mut rows = vec![
+        ("default", served.name()),
+        ("cls", "final.cls".to_string()),
+        ("mean", "final.mean".to_string()),
+    ];
+    if !rows.iter().any(|(_, r)| *r == selected) {
+        rows.push(("selected", selected.clone()));
+    }
+    for (label, readout) in rows {
+        let (tr, te) = features(&readout)?;
+        probe(label, Some(&readout), &tr, &te)?;
     }
     if args.pixel_baseline {
         let norm = (cfg.mean[0], cfg.std[0]);
@@ -260,18 +355,17 @@ fn eval(args: EvalArgs) -> Result<()> {
             eval::pixel_features(&train, norm),
             eval::pixel_features(&test, norm),
         );
-        let knn = eval::knn(&tr, &train.labels, &te, &test.labels, &[20, 5])?;
-        let (linear, alpha) = eval::ridge_probe(&tr, &train.labels, &te, &test.labels, val);
-        println!(
-            "pixels: 20-NN {:.2} %, 5-NN {:.2} %, linear probe {:.2} %",
-            knn[0] * 100.0,
-            knn[1] * 100.0,
-            linear * 100.0
-        );
-        probes.insert(
-            "raw_pixels".into(),
-            json!({"knn20": knn[0], "knn5": knn[1], "linear_probe": linear, "ridge_alpha": alpha}),
-        );
+        probe("raw_pixels", None, &tr, &te)?;
+        // The same whitening applied to pixels: how much of the default readout's gain is
+        // the whitening itself rather than the encoder.
+        if let ServedReadout::Whitened { k, .. } = served {
+            let (mean, projection) = eval::Pca::fit(&tr, 0..n)?.whitening(k);
+            let (tr, te) = (
+                eval::whiten(&tr, &mean, &projection)?,
+                eval::whiten(&te, &mean, &projection)?,
+            );
+            probe("whitened_pixels", None, &tr, &te)?;
+        }
     }
     let recon = eval::reconstruction(&model, &test, 0.75, &device)?;
     println!(
@@ -288,7 +382,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let results = json!({
         "weights": info.source, "sha256": info.sha256, "config": cfg, "parameters": cfg.parameter_count(),
         "train_images": train.len(), "test_images": test.len(),
-        "probes": probes, "validation_knn20": validation, "recommended_pooling": recommended.name(),
+        "probes": probes, "validation_knn20": validation, "recommended_pooling": served.pooling().name(),
+        "served_readout": served.name(),
         "reconstruction": recon, "layers": layers,
         "seconds": started.elapsed().as_secs_f64(),
     });
@@ -308,53 +403,98 @@ fn eval(args: EvalArgs) -> Result<()> {
         let mut tensors = checkpoint::read_weights(&args.weights, &device)?.tensors;
         tensors.retain(|name, _| !info.unexpected.contains(name));
         // The recipe pads 28×28 images onto 32×32: the server must do the same.
-        let serving = checkpoint::ServingMetadata {
-            recommended_pooling: Some(recommended),
+        let mut serving = checkpoint::ServingMetadata {
+            recommended_pooling: Some(served.pooling()),
             small_image_fit: Some(checkpoint::SmallImageFit::Pad),
+            whitened_grid: None,
         };
+        if let (ServedReadout::Whitened { layer, k }, Some((mean, projection))) =
+            (served, &whitening)
+        {
+            let d = mean.len();
+            tensors.insert(
+                WhitenedGrid::MEAN.into(),
+                Tensor::from_slice(mean, d, &device)?,
+            );
+            tensors.insert(
+                WhitenedGrid::PROJECTION.into(),
+                Tensor::from_slice(projection, (d, k), &device)?,
+            );
+            serving.whitened_grid = Some(WhitenedGridSpec {
+                layer,
+                grid: WHITENED_GRID,
+            });
+        }
         checkpoint::save_safetensors(&tensors, &cfg, serving, out)?;
         println!(
-            "wrote {} (pooling {} recommended)",
+            "wrote {} (served by default: {})",
             out.display(),
-            recommended.name()
+            served.name()
         );
     }
     Ok(())
 }
 
-/// The pooling a request gets when it names none: whichever of the two final readouts
-/// (what `Embed` serves without `layer`) did better on validation; a tie goes to mean.
-fn recommended_pooling(
-    validation_knn20: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Pooling> {
-    let accuracy = |readout: &str| {
-        validation_knn20
-            .get(readout)
-            .and_then(serde_json::Value::as_f64)
-            .with_context(|| format!("no validation accuracy for {readout}"))
-    };
-    Ok(if accuracy("final.cls")? > accuracy("final.mean")? {
-        Pooling::Cls
-    } else {
-        Pooling::Mean
-    })
+/// Regions per side of the whitened grid readouts.
+const WHITENED_GRID: usize = 4;
+/// Whitening widths tried on validation.
+const WHITENED_WIDTHS: [usize; 3] = [128, 256, 384];
+
+fn whitened_name(layer: usize, k: usize) -> String {
+    format!("layer{layer}.whitened-grid{WHITENED_GRID}-{k}")
+}
+
+fn readout_index(readouts: &[eval::Readout], name: &str) -> Result<usize> {
+    readouts
+        .iter()
+        .position(|r| r.name == name)
+        .with_context(|| format!("no readout {name}"))
+}
+
+/// What a request that names no pooling gets: the final cls or mean token, or a whitened
+/// grid the weights carry, whichever did best on validation (ties keep the simpler one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ServedReadout {
+    Pooled(Pooling),
+    Whitened { layer: usize, k: usize },
+}
+
+impl ServedReadout {
+    fn choose(whitened: &[(usize, usize)], accuracy: impl Fn(&str) -> f64) -> Self {
+        let candidates = [Self::Pooled(Pooling::Mean), Self::Pooled(Pooling::Cls)]
+            .into_iter()
+            .chain(
+                whitened
+                    .iter()
+                    .map(|&(layer, k)| Self::Whitened { layer, k }),
+            );
+        candidates
+            .fold(None, |best: Option<(Self, f64)>, c| {
+                let acc = accuracy(&c.name());
+                match best {
+                    Some((_, b)) if b >= acc => best,
+                    _ => Some((c, acc)),
+                }
+            })
+            .map_or(Self::Pooled(Pooling::Mean), |(c, _)| c)
+    }
+
+    fn name(self) -> String {
+        match self {
+            Self::Pooled(p) => format!("final.{}", p.name()),
+            Self::Whitened { layer, k } => whitened_name(layer, k),
+        }
+    }
+
+    fn pooling(self) -> Pooling {
+        match self {
+            Self::Pooled(p) => p,
+            Self::Whitened { .. } => Pooling::WhitenedGrid,
+        }
+    }
 }
 
 /// `model_card.json` and `MODEL_CARD.md` from the recipe, the training log and `eval.json`.
-/// The CPU's model name and core count, for the model card.
-fn hardware() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores, no GPU")
-}
-
 fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()> {
     let read = |f: &str| -> serde_json::Value {
         std::fs::read_to_string(dir.join(f))
@@ -366,7 +506,8 @@ fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()
     let card = json!({
         "model": "CRATE-MAE (white-box masked autoencoder), trained from scratch in Rust",
         "data": "Fashion-MNIST (60,000 train / 10,000 test, 28×28 grey, MIT licence), padded to 32×32, replicated to RGB",
-        "hardware": hardware(),
+        // Where it trained (the log says since it records it), else this machine.
+        "hardware": log["hardware"].as_str().map_or_else(trainer::hardware, String::from),
         "config": results["config"], "recipe": recipe["recipe"], "training": log, "evaluation": results,
         "notes": notes,
     });
@@ -397,7 +538,7 @@ fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()
             .unwrap_or(f64::NAN)
     };
     let mut md = format!(
-        "# Model card: CRATE-MAE on Fashion-MNIST\n\n{}\n\n- Data: {}\n- Architecture: dim {}, depth {} (+ {} decoder layers), {} heads, patch {} on {}×{} px, {} parameters; ISTA step η = {}, sparsity λ = {}\n- Normalisation: mean {}, std {} (per RGB channel)\n- Config: `{}`\n- Recipe: `{}`\n- Training: {} epochs, {:.0} s on {}; final losses (masked-patch MSE, normalised pixels): train {:.4}, validation {:.4}\n\n## Evaluation (test split, frozen encoder)\n\n| features | 20-NN | 5-NN | linear probe |\n|---|---|---|---|\n",
+        "# Model card: CRATE-MAE on Fashion-MNIST\n\n{}\n\n- Data: {}\n- Architecture: dim {}, depth {} (+ {} decoder layers), {} heads, patch {} on {}×{} px, {} parameters; ISTA step η = {}, sparsity λ = {}\n- Normalisation: mean {}, std {} (per RGB channel)\n- Config: `{}`\n- Recipe: `{}`\n- Training: {} epochs, {:.0} s on {}; final losses (masked-patch MSE, normalised pixels): train {:.4}, validation {:.4}\n\n## Evaluation (test split, frozen encoder)\n\n| features | values | 20-NN | 5-NN | linear probe |\n|---|---|---|---|---|\n",
         card["model"].as_str().unwrap_or(""), card["data"].as_str().unwrap_or(""),
         c["dim"], c["depth"], c["decoder_depth"], c["heads"], c["patch_size"], c["img_size"], c["img_size"], results["parameters"],
         c["ista_step_size"], c["lambd"], rounded(&c["mean"]), rounded(&c["std"]),
@@ -405,23 +546,31 @@ fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()
         log["epochs_done"], log["seconds"].as_f64().unwrap_or(0.0), card["hardware"].as_str().unwrap_or(""),
         final_loss(0), final_loss(1),
     );
-    for name in ["cls", "mean", "selected", "raw_pixels"] {
+    for name in [
+        "default",
+        "cls",
+        "mean",
+        "selected",
+        "raw_pixels",
+        "whitened_pixels",
+    ] {
         if p[name].is_object() {
             let label = match p[name]["readout"].as_str() {
                 Some(readout) => format!("{name} (`{readout}`)"),
                 None => name.replace('_', " "),
             };
             md += &format!(
-                "| {label} | {} | {} | {} |\n",
+                "| {label} | {} | {} | {} | {} |\n",
+                p[name]["dim"],
                 pct(&p[name]["knn20"]),
                 pct(&p[name]["knn5"]),
                 pct(&p[name]["linear_probe"])
             );
         }
     }
-    md += "\n`final.*` is what `Embed` serves by default (cls or mean pooling after the final norm); `layerN.*` pools block N's output (`Embed` with `layer = N`). `selected` is the readout with the best 20-NN accuracy on validation images carved from train; the test split chose nothing.\n";
+    md += "\n`default` is what `Embed` returns when a request names no pooling: the best on validation (20-NN, images carved from train; the test split chose nothing) of the final cls token, the final mean, and the whitened grids. `final.*` pools the encoder's output after its final norm; `layerN.*` pools block N's output (`Embed` with `layer = N`); `gridK` averages the patch tokens over K×K regions; `layerN.whitened-gridK-W` is that grid centred and PCA-whitened to W values by a projection fitted on the training images without labels, shipped in the weights (`Pooling` `whitened-grid`). `whitened pixels` applies the same whitening to raw pixels: the part of the gain that is the whitening's rather than the encoder's.\n";
     if let Some(pooling) = results["recommended_pooling"].as_str() {
-        md += &format!("\nRecommended pooling (the better final readout on validation; `eval --export` embeds it in the weights): **{pooling}**.\n");
+        md += &format!("\nRecommended pooling (`eval --export` embeds it, and the whitening when it is one, in the weights): **{pooling}**.\n");
     }
     let r = &results["reconstruction"];
     md += &format!(
@@ -478,33 +627,51 @@ fn main() -> Result<()> {
 mod tests {
     use super::*;
 
-    fn validation(cls: f64, mean: f64) -> serde_json::Map<String, serde_json::Value> {
-        [
-            ("final.cls".to_string(), json!(cls)),
-            ("final.mean".to_string(), json!(mean)),
-            // A better intermediate readout is not what `Embed` serves without `layer`.
-            ("layer2.mean".to_string(), json!(0.99)),
-        ]
-        .into_iter()
-        .collect()
+    /// What `Embed` serves unasked, from validation 20-NN: a better intermediate pooled
+    /// readout does not count (it needs `layer`); a whitened grid does (the weights carry it).
+    fn choose(scores: &[(&str, f64)]) -> ServedReadout {
+        let whitened: Vec<(usize, usize)> = scores
+            .iter()
+            .filter_map(|(name, _)| {
+                let rest = name.strip_prefix("layer")?;
+                let (l, k) = rest.split_once(".whitened-grid4-")?;
+                Some((l.parse().ok()?, k.parse().ok()?))
+            })
+            .collect();
+        ServedReadout::choose(&whitened, |name| {
+            scores
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(f64::NEG_INFINITY, |(_, a)| *a)
+        })
     }
 
     #[test]
-    fn the_better_final_readout_is_recommended_and_a_tie_is_mean() {
+    fn the_best_servable_readout_is_served_and_ties_keep_the_simpler_one() {
+        let pooled = [
+            ("final.cls", 0.81),
+            ("final.mean", 0.80),
+            ("layer2.mean", 0.99),
+        ];
+        assert_eq!(choose(&pooled), ServedReadout::Pooled(Pooling::Cls));
+        let mean_wins = [("final.cls", 0.79), ("final.mean", 0.80)];
+        assert_eq!(choose(&mean_wins), ServedReadout::Pooled(Pooling::Mean));
+        let tie = [("final.cls", 0.80), ("final.mean", 0.80)];
+        assert_eq!(choose(&tie), ServedReadout::Pooled(Pooling::Mean));
+        let whitened = [
+            ("final.cls", 0.78),
+            ("final.mean", 0.80),
+            ("layer1.whitened-grid4-256", 0.86),
+            ("layer2.whitened-grid4-256", 0.87),
+            ("layer2.whitened-grid4-384", 0.87),
+        ];
         assert_eq!(
-            recommended_pooling(&validation(0.81, 0.80)).unwrap(),
-            Pooling::Cls
+            choose(&whitened),
+            ServedReadout::Whitened { layer: 2, k: 256 },
+            "the narrower of two equal whitenings"
         );
-        assert_eq!(
-            recommended_pooling(&validation(0.79, 0.80)).unwrap(),
-            Pooling::Mean
-        );
-        assert_eq!(
-            recommended_pooling(&validation(0.80, 0.80)).unwrap(),
-            Pooling::Mean
-        );
-        let mut missing = validation(0.9, 0.1);
-        missing.remove("final.cls");
-        assert!(recommended_pooling(&missing).is_err());
+        assert_eq!(choose(&whitened).pooling(), Pooling::WhitenedGrid);
+        let no_gain = [("final.mean", 0.80), ("layer2.whitened-grid4-256", 0.80)];
+        assert_eq!(choose(&no_gain), ServedReadout::Pooled(Pooling::Mean));
     }
 }

@@ -31,6 +31,10 @@ pub struct Recipe {
     pub seed: u64,
     pub validation_images: usize,
     pub horizontal_flip: bool,
+    /// The weights this run started from (`--init-from`: a further stage of training for a
+    /// finished model), or none for the official initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 /// What `train` writes next to the weights, and reads back on `--resume`.
@@ -41,6 +45,23 @@ pub struct TrainLog {
     pub seconds: f64,
     /// Per epoch: (mean training loss, validation loss).
     pub history: Vec<(f64, f64)>,
+    /// The machine it trained on ([`hardware`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
+}
+
+/// The CPU's model name and core count, for the log and the model card.
+pub fn hardware() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores, no GPU")
 }
 
 /// The optimizer's moments and step, beside the checkpoint (what `--resume` continues with).
@@ -76,12 +97,15 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Fresh weights with the official initialisation, or the last checkpoint in `out`.
+    /// The last checkpoint in `out` when resuming; otherwise `start`'s weights (a new run
+    /// that continues training another model, with its own schedule and fresh moments) or
+    /// fresh ones with the official initialisation.
     pub fn new(
         cfg: CrateMaeConfig,
         recipe: Recipe,
         out: &Path,
         resume: bool,
+        start: Option<&Path>,
         device: &Device,
     ) -> Result<Self> {
         std::fs::create_dir_all(out)?;
@@ -92,6 +116,22 @@ impl Trainer {
             let log: TrainLog =
                 serde_json::from_str(&std::fs::read_to_string(out.join("train_log.json"))?)?;
             (raw.tensors, log)
+        } else if let Some(start) = start {
+            let raw = checkpoint::read_weights(start, device)?;
+            if let Some(theirs) = &raw.embedded_config {
+                anyhow::ensure!(
+                    theirs.parameter_count() == cfg.parameter_count()
+                        && theirs.dim == cfg.dim
+                        && theirs.depth == cfg.depth,
+                    "{} is a d{} depth-{} model; this run is d{} depth {}",
+                    start.display(),
+                    theirs.dim,
+                    theirs.depth,
+                    cfg.dim,
+                    cfg.depth
+                );
+            }
+            (raw.tensors, TrainLog::default())
         } else {
             (
                 init::random_weights(&cfg, recipe.seed, device)?,
@@ -277,6 +317,7 @@ impl Trainer {
                 .push((loss_sum / steps_per_epoch as f64, val_loss));
             self.log.epochs_done = epoch + 1;
             self.log.seconds = seconds_before + started.elapsed().as_secs_f64();
+            self.log.hardware = Some(hardware());
             let line = format!(
                 "epoch {:>3}: train loss {:.4}, validation loss {val_loss:.4} ({:.0} s)",
                 epoch + 1,
@@ -316,6 +357,7 @@ mod tests {
             seed: 0,
             validation_images: 0,
             horizontal_flip: true,
+            init_from: None,
         }
     }
 
@@ -359,7 +401,7 @@ mod tests {
             ..recipe()
         };
         let mut trainer =
-            Trainer::new(cfg.clone(), recipe.clone(), &out, false, &Device::Cpu).unwrap();
+            Trainer::new(cfg.clone(), recipe.clone(), &out, false, None, &Device::Cpu).unwrap();
         let before = trainer.evaluate(&val).unwrap();
         trainer.run_chunk(&train, &val, None).unwrap();
         let after = trainer.evaluate(&val).unwrap();
@@ -373,7 +415,7 @@ mod tests {
         .unwrap();
         assert_eq!(served.config(), &cfg);
         // Resuming at the end trains nothing more and keeps the log.
-        let resumed = Trainer::new(cfg, recipe, &out, true, &Device::Cpu).unwrap();
+        let resumed = Trainer::new(cfg, recipe, &out, true, None, &Device::Cpu).unwrap();
         assert_eq!(resumed.log.epochs_done, 3);
         let _ = std::fs::remove_dir_all(&out);
     }
@@ -415,10 +457,12 @@ mod tests {
                     std::fs::remove_file(out.join(OPTIMIZER_FILE)).unwrap();
                 }
                 let mut t =
-                    Trainer::new(cfg.clone(), recipe.clone(), out, i > 0, &Device::Cpu).unwrap();
+                    Trainer::new(cfg.clone(), recipe.clone(), out, i > 0, None, &Device::Cpu)
+                        .unwrap();
                 t.run_chunk(&train, &val, Some(c)).unwrap();
             }
-            let t = Trainer::new(cfg.clone(), recipe.clone(), out, true, &Device::Cpu).unwrap();
+            let t =
+                Trainer::new(cfg.clone(), recipe.clone(), out, true, None, &Device::Cpu).unwrap();
             assert_eq!(t.log.epochs_done, 2);
             t.weights()
         };
@@ -472,7 +516,8 @@ mod tests {
                 seed,
                 ..recipe()
             };
-            let mut trainer = Trainer::new(cfg.clone(), recipe, &out, false, &Device::Cpu).unwrap();
+            let mut trainer =
+                Trainer::new(cfg.clone(), recipe, &out, false, None, &Device::Cpu).unwrap();
             trainer.run_chunk(&train, &val, None).unwrap();
             let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
             let _ = std::fs::remove_dir_all(&out);

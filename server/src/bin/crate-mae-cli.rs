@@ -122,6 +122,8 @@ struct CompleteArgs {
 enum PoolingArg {
     Cls,
     Mean,
+    /// The model's whitened grid readout (the built-in model's default).
+    WhitenedGrid,
 }
 
 impl From<PoolingArg> for pb::Pooling {
@@ -129,6 +131,7 @@ impl From<PoolingArg> for pb::Pooling {
         match p {
             PoolingArg::Cls => pb::Pooling::Cls,
             PoolingArg::Mean => pb::Pooling::Mean,
+            PoolingArg::WhitenedGrid => pb::Pooling::WhitenedGrid,
         }
     }
 }

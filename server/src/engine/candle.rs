@@ -41,41 +41,49 @@ fn host(t: &Tensor) -> Result<Vec<f32>, ServeError> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
-/// `[B, N, d]` tokens pooled both ways on the device, copied to the host once each.
+/// Whose tokens a task's embedding pools: its `layer` (None: the final latent), except the
+/// whitened grid, which reads the block it was fitted on.
+fn pooled_from(model: &CrateMae, task: &EmbedTask) -> Option<usize> {
+    match (task.pooling, model.whitened_grid()) {
+        (Pooling::WhitenedGrid, Some(w)) => Some(w.spec.layer),
+        _ => task.layer,
+    }
+}
+
+/// `[B, N, d]` tokens pooled, on the device, each way some task asked for; each copied to
+/// the host once.
 struct Pooled {
-    dim: usize,
-    cls: Option<Vec<f32>>,
-    mean: Option<Vec<f32>>,
+    /// Per pooling asked for: values per image, all images' values.
+    by: Vec<(Pooling, usize, Vec<f32>)>,
 }
 
 impl Pooled {
     fn of(
+        model: &CrateMae,
         tokens: &Tensor,
         tasks: &[&EmbedTask],
         source: Option<usize>,
     ) -> Result<Self, ServeError> {
-        let wants = |p: Pooling| tasks.iter().any(|t| t.layer == source && t.pooling == p);
-        let pool = |p: Pooling| -> Result<Option<Vec<f32>>, ServeError> {
-            if wants(p) {
-                Ok(Some(host(&crate_mae::mae::pool(tokens, p)?)?))
-            } else {
-                Ok(None)
+        let mut by = Vec::new();
+        for p in [Pooling::Cls, Pooling::Mean, Pooling::WhitenedGrid] {
+            if tasks
+                .iter()
+                .any(|t| pooled_from(model, t) == source && t.pooling == p)
+            {
+                let pooled = model.pool(tokens, p)?;
+                by.push((p, pooled.dim(D::Minus1)?, host(&pooled)?));
             }
-        };
-        Ok(Self {
-            dim: tokens.dim(D::Minus1)?,
-            cls: pool(Pooling::Cls)?,
-            mean: pool(Pooling::Mean)?,
-        })
+        }
+        Ok(Self { by })
     }
 
     fn row(&self, pooling: Pooling, b: usize) -> Vec<f32> {
-        let all = match pooling {
-            Pooling::Cls => &self.cls,
-            Pooling::Mean => &self.mean,
-        };
-        all.as_ref().expect("pooled for a task that asked")[b * self.dim..(b + 1) * self.dim]
-            .to_vec()
+        let (_, dim, all) = self
+            .by
+            .iter()
+            .find(|(p, ..)| *p == pooling)
+            .expect("pooled for a task that asked");
+        all[b * dim..(b + 1) * dim].to_vec()
     }
 }
 
@@ -93,7 +101,11 @@ impl Backend for CandleBackend {
         let input = self.input(pixels)?;
         let requested = tasks.iter().any(|t| t.diagnostics);
         let keep = Keep {
-            outputs: tasks.iter().filter_map(|t| t.layer).collect(),
+            outputs: tasks
+                .iter()
+                .flat_map(|t| [t.layer, pooled_from(&self.model, t)])
+                .flatten()
+                .collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
             diagnostics: requested,
             diagnostics_images: None,
@@ -121,9 +133,9 @@ impl Backend for CandleBackend {
         };
         let latent = encoded.latent.as_ref().expect("full encoder pass");
         let mut pooled = BTreeMap::new();
-        pooled.insert(None, Pooled::of(latent, tasks, None)?);
+        pooled.insert(None, Pooled::of(&self.model, latent, tasks, None)?);
         for (&l, tokens) in &encoded.outputs {
-            pooled.insert(Some(l), Pooled::of(tokens, tasks, Some(l))?);
+            pooled.insert(Some(l), Pooled::of(&self.model, tokens, tasks, Some(l))?);
         }
         let ntok = self.facts.config.seq_len();
         let heads = self.facts.config.heads;
@@ -136,7 +148,7 @@ impl Backend for CandleBackend {
         let per_image_attention = heads * (ntok - 1);
         let mut embeddings = Vec::with_capacity(tasks.len());
         for (b, task) in tasks.iter().enumerate() {
-            let mut values = pooled[&task.layer].row(task.pooling, b);
+            let mut values = pooled[&pooled_from(&self.model, task)].row(task.pooling, b);
             if task.normalize {
                 let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 values.iter_mut().for_each(|v| *v /= norm);
@@ -247,6 +259,7 @@ mod tests {
             kernel: model.kernel(),
             recommended_pooling: Pooling::Mean,
             small_image_fit: Default::default(),
+            whitened_grid: None,
         };
         CandleBackend::new(model, facts)
     }

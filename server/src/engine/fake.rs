@@ -64,6 +64,7 @@ impl FakeModel {
                 kernel: "fake".into(),
                 recommended_pooling: Pooling::Mean,
                 small_image_fit: Default::default(),
+                whitened_grid: None,
             },
             faults,
             batches: Mutex::new(vec![]),
@@ -129,6 +130,8 @@ impl Backend for FakeModel {
                     match task.pooling {
                         Pooling::Cls => image[0],
                         Pooling::Mean => mean(image),
+                        // The engine refuses it: the fake ships no whitened grid.
+                        Pooling::WhitenedGrid => -mean(image),
                     };
                     DIM
                 ],

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate_mae::Mask;
+use crate_mae::{Mask, Pooling};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::Instrument;
 
@@ -40,7 +40,7 @@ pub(crate) use types::Task;
 pub use types::{
     AttentionMap, Call, CompleteRequest, CompleteResult, CompleteTask, Completed, CompletedPixels,
     EmbedRequest, EmbedResult, EmbedTask, Embedding, ImageDiagnostics, ImageInput, MaskSpec,
-    ModelFacts, ModelInfo, Priority, Threading, Timing,
+    ModelFacts, ModelInfo, Priority, Threading, Timing, WhitenedGridFacts,
 };
 
 use crate::error::ServeError;
@@ -308,9 +308,26 @@ impl Engine {
                 other => Ok(other.map(|l| l as usize)),
             }
         };
+        let facts = &ready.info.facts;
+        let pooling = req.pooling.unwrap_or(facts.recommended_pooling);
+        let source = layer("layer", req.layer)?;
+        // The whitened grid reads one block's output, whatever `layer` says of the rest.
+        if pooling == Pooling::WhitenedGrid {
+            let Some(w) = facts.whitened_grid else {
+                return Err(ServeError::invalid(
+                    "pooling whitened-grid: this model's weights carry no whitened grid readout; use cls or mean",
+                ));
+            };
+            if let Some(l) = source.filter(|&l| l != w.spec.layer) {
+                return Err(ServeError::invalid(format!(
+                    "pooling whitened-grid reads layer {}'s output; leave `layer` unset (or send {}) to use it, or pick cls or mean pooling for layer {l}",
+                    w.spec.layer, w.spec.layer
+                )));
+            }
+        }
         let task = Arc::new(EmbedTask {
-            pooling: req.pooling.unwrap_or(ready.info.facts.recommended_pooling),
-            layer: layer("layer", req.layer)?,
+            pooling,
+            layer: source,
             normalize: req.normalize,
             patch_tokens: req.patch_tokens,
             diagnostics: req.diagnostics,

@@ -119,6 +119,25 @@ pub struct ModelFacts {
     pub recommended_pooling: Pooling,
     /// How images smaller than the model's input are fitted to it.
     pub small_image_fit: crate_mae::checkpoint::SmallImageFit,
+    /// The whitened grid readout the weights ship, if any.
+    pub whitened_grid: Option<WhitenedGridFacts>,
+}
+
+/// Where a model's whitened grid readout reads and how wide it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WhitenedGridFacts {
+    pub spec: crate_mae::WhitenedGridSpec,
+    pub dim: usize,
+}
+
+impl ModelFacts {
+    /// Values per embedding with `pooling`.
+    pub fn embedding_dim(&self, pooling: Pooling) -> usize {
+        match (pooling, self.whitened_grid) {
+            (Pooling::WhitenedGrid, Some(w)) => w.dim,
+            _ => self.config.dim,
+        }
+    }
 }
 
 /// Everything a client may want to know about what is served.

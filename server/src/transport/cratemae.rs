@@ -49,6 +49,7 @@ fn pooling(value: i32) -> Result<Option<crate_mae::Pooling>, ServeError> {
         Ok(pb::Pooling::Unspecified) => Ok(None),
         Ok(pb::Pooling::Cls) => Ok(Some(crate_mae::Pooling::Cls)),
         Ok(pb::Pooling::Mean) => Ok(Some(crate_mae::Pooling::Mean)),
+        Ok(pb::Pooling::WhitenedGrid) => Ok(Some(crate_mae::Pooling::WhitenedGrid)),
         Err(_) => Err(ServeError::invalid(format!(
             "unknown pooling value {value}"
         ))),
@@ -59,6 +60,7 @@ fn pooling_pb(p: crate_mae::Pooling) -> pb::Pooling {
     match p {
         crate_mae::Pooling::Cls => pb::Pooling::Cls,
         crate_mae::Pooling::Mean => pb::Pooling::Mean,
+        crate_mae::Pooling::WhitenedGrid => pb::Pooling::WhitenedGrid,
     }
 }
 
@@ -107,6 +109,7 @@ async fn embed(
         )
         .await?;
     let cfg = engine.info()?.config();
+    let dim = result.embeddings.first().map_or(0, |e| e.values.len()) as u32;
     Ok(pb::EmbedResponse {
         embeddings: result
             .embeddings
@@ -123,7 +126,7 @@ async fn embed(
                 }),
             })
             .collect(),
-        dim: cfg.dim as u32,
+        dim,
         timing: Some(timing(&result.timing)),
     })
 }
@@ -219,6 +222,12 @@ pub fn model_info(info: &engine::ModelInfo) -> pb::ModelInfo {
         kernel: facts.kernel.clone(),
         dtype_reason: facts.precision_reason.clone(),
         small_image_fit: facts.small_image_fit.name().into(),
+        embedding_dim: facts.embedding_dim(facts.recommended_pooling) as u32,
+        whitened_grid: facts.whitened_grid.map(|w| pb::WhitenedGrid {
+            layer: w.spec.layer as u32,
+            grid: w.spec.grid as u32,
+            dim: w.dim as u32,
+        }),
     }
 }
 

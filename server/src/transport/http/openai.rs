@@ -103,7 +103,14 @@ async fn embeddings(State(http): State<Arc<Http>>, headers: HeaderMap, body: Bod
             ))
             .into());
         }
-        let dim = info.config().dim;
+        let pooling = req
+            .pooling
+            .as_deref()
+            .map(|p| p.parse::<crate_mae::Pooling>())
+            .transpose()
+            .map_err(|e| Refusal::bad_request(format!("`pooling`: {e}")))?;
+        let facts = &info.facts;
+        let dim = facts.embedding_dim(pooling.unwrap_or(facts.recommended_pooling));
         if let Some(d) = req.dimensions.filter(|&d| d != dim as u64) {
             return Err(Refusal::bad_request(format!(
                 "`dimensions` {d} is not offered: this model's embeddings have {dim} dimensions and are not trained to be truncated; omit `dimensions` or send {dim}"
@@ -134,11 +141,6 @@ async fn embeddings(State(http): State<Arc<Http>>, headers: HeaderMap, body: Bod
                 .collect::<Result<Vec<_>, _>>()?,
             one => vec![image(0, one)?],
         };
-        let pooling = req
-            .pooling
-            .map(|p| p.parse::<crate_mae::Pooling>())
-            .transpose()
-            .map_err(|e| Refusal::bad_request(format!("`pooling`: {e}")))?;
         let count = images.len();
         let result = http
             .engine

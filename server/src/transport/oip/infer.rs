@@ -115,14 +115,16 @@ async fn run(
                     call,
                 )
                 .await?;
-            let (d, l) = (cfg.dim as i64, cfg.num_patches() as i64);
             let e = &result.embeddings;
+            // Patch tokens are d wide; the embedding is d or the whitened grid's width.
+            let (d, l) = (cfg.dim as i64, cfg.num_patches() as i64);
+            let width = e.first().map_or(d, |e| e.values.len() as i64);
             for name in &names {
                 match name.as_str() {
                     "embedding" => push(
                         name,
                         "FP32",
-                        vec![b, d],
+                        vec![b, width],
                         f32_bytes(e.iter().flat_map(|e| &e.values)),
                     ),
                     _ => push(

@@ -14,7 +14,7 @@
 //! every output the metadata lists, as the protocol says. `patch_tokens` (`[B, L, D]`, 150×
 //! the size of an embedding) is not listed: it is returned only when named in `outputs`, so
 //! clients and benchmarks that ask for every listed output measure embeddings. Request
-//! parameters: `pooling` ("cls" | "mean"), `normalize`, `layer`; `mask_ratio` (a double, or a
+//! parameters: `pooling` ("cls" | "mean" | "whitened-grid"), `normalize`, `layer`; `mask_ratio` (a double, or a
 //! string such as "0.5": the `kserve` SDK cannot send doubles) and `seed` for completion;
 //! Triton's `timeout` (microseconds) is a deadline like `grpc-timeout`, the earlier wins, and
 //! its `priority` picks the level the configuration lists (1 online, 2 bulk).

@@ -78,12 +78,18 @@ pub fn inputs(info: &ModelInfo) -> [Tensor; 2] {
 pub fn outputs(info: &ModelInfo, served: Served) -> Vec<Tensor> {
     let c = info.config();
     let (d, l) = (c.dim as i64, c.num_patches() as i64);
+    // With a whitened grid the width depends on the pooling a request names (-1: variable).
+    let embedding = if info.facts.whitened_grid.is_some() {
+        -1
+    } else {
+        d
+    };
     served
         .outputs()
         .iter()
         .map(|&name| {
             let (datatype, dims) = match name {
-                "embedding" => ("FP32", vec![d]),
+                "embedding" => ("FP32", vec![embedding]),
                 "mask" => ("BOOL", vec![l]),
                 "masked_patch_mse" => ("FP32", vec![]),
                 _ => ("BYTES", vec![]),

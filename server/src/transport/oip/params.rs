@@ -78,7 +78,7 @@ pub fn boolean(params: &Params, name: &str) -> Result<Option<bool>, ServeError> 
     }
 }
 
-/// Embedding options: `pooling` ("cls" | "mean"; unset: the model's recommendation),
+/// Embedding options: `pooling` ("cls" | "mean" | "whitened-grid"; unset: the model's recommendation),
 /// `normalize`, `layer`.
 pub struct EmbedOptions {
     pub pooling: Option<crate_mae::Pooling>,
@@ -95,7 +95,7 @@ pub fn embed_options(params: &Params) -> Result<EmbedOptions, ServeError> {
         ),
         Some(other) => {
             return Err(ServeError::invalid(format!(
-                "parameter `pooling` must be a string (\"cls\" or \"mean\"), got {other:?}"
+                "parameter `pooling` must be a string (\"cls\", \"mean\" or \"whitened-grid\"), got {other:?}"
             )))
         }
     };

@@ -1,0 +1,160 @@
+//! Readouts beyond cls and mean: the patch tokens pooled over a grid of regions, and the
+//! whitened grid a model may ship for retrieval.
+//!
+//! A global average throws the garment's layout away; averaging the patch tokens within each
+//! of g×g regions keeps it (g²·d values). Cosine similarity on those raw values is dominated
+//! by a few high-variance directions, so a model can carry a **whitening** fitted on its
+//! training images without labels: centre, project onto the top k principal components and
+//! scale each to unit variance (PCA whitening, the standard retrieval post-processing). The
+//! result is a compact k-value embedding whose cosine k-NN is what the model card measures.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// `[B, 1 + L, d]` tokens → `[B, g·g·d]`: the patch tokens averaged within each of g×g
+/// regions (row-major regions, each a d-vector), the cls token left out.
+pub fn grid_pool(tokens: &Tensor, grid: usize) -> Result<Tensor> {
+    let (b, n, d) = tokens.dims3()?;
+    let side = ((n - 1) as f64).sqrt().round() as usize;
+    if grid == 0 || side * side != n - 1 || !side.is_multiple_of(grid) {
+        return Err(ModelError::input(format!(
+            "a {grid}×{grid} grid does not divide the {side}×{side} patch grid"
+        )));
+    }
+    Ok(tokens
+        .narrow(1, 1, n - 1)?
+        .reshape((b, grid, side / grid, grid, side / grid, d))?
+        .mean(4)?
+        .mean(2)?
+        .reshape((b, grid * grid * d))?)
+}
+
+/// Which tokens a whitened grid reads: stored as the safetensors metadata
+/// `crate_mae.whitened_grid` beside the two tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhitenedGridSpec {
+    /// The encoder block whose output is pooled (`Embed`'s `layer`).
+    pub layer: usize,
+    /// Regions per side.
+    pub grid: usize,
+}
+
+/// The whitened grid readout: `(grid_pool(tokens of block layer) − mean) · projection`.
+#[derive(Debug, Clone)]
+pub struct WhitenedGrid {
+    pub spec: WhitenedGridSpec,
+    /// `[g²·d]`, the training images' mean pooled vector.
+    mean: Tensor,
+    /// `[g²·d, k]`: principal directions, each divided by the square root of its variance.
+    projection: Tensor,
+}
+
+impl WhitenedGrid {
+    /// Tensor names in a checkpoint.
+    pub const MEAN: &'static str = "whitened_grid.mean";
+    pub const PROJECTION: &'static str = "whitened_grid.projection";
+
+    /// Checks the shapes against the model's width and depth.
+    pub fn new(
+        spec: WhitenedGridSpec,
+        mean: Tensor,
+        projection: Tensor,
+        dim: usize,
+        depth: usize,
+    ) -> Result<Self> {
+        let pooled = spec.grid * spec.grid * dim;
+        let bad = |why: String| Err(ModelError::Config(format!("whitened grid: {why}")));
+        if spec.layer >= depth {
+            return bad(format!(
+                "reads layer {} of a {depth}-layer encoder",
+                spec.layer
+            ));
+        }
+        if mean.dims() != [pooled] {
+            return bad(format!(
+                "mean is {:?}, expected [{pooled}] ({}×{} regions × {dim})",
+                mean.dims(),
+                spec.grid,
+                spec.grid
+            ));
+        }
+        match projection.dims() {
+            [rows, k] if *rows == pooled && *k > 0 => {}
+            dims => return bad(format!("projection is {dims:?}, expected [{pooled}, k]")),
+        }
+        Ok(Self {
+            spec,
+            mean: mean.to_dtype(DType::F32)?,
+            projection: projection.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Values per embedding (k).
+    pub fn dim(&self) -> usize {
+        self.projection.dims()[1]
+    }
+
+    /// `[B, 1 + L, d]` tokens of block `spec.layer` → `[B, k]` (f32).
+    pub fn apply(&self, tokens: &Tensor) -> Result<Tensor> {
+        let pooled = grid_pool(&tokens.to_dtype(DType::F32)?, self.spec.grid)?;
+        let centred = pooled.broadcast_sub(&self.mean.to_device(pooled.device())?)?;
+        Ok(centred.matmul(&self.projection.to_device(pooled.device())?)?)
+    }
+
+    /// The two tensors under their checkpoint names.
+    pub fn tensors(&self) -> [(String, Tensor); 2] {
+        [
+            (Self::MEAN.to_string(), self.mean.clone()),
+            (Self::PROJECTION.to_string(), self.projection.clone()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn grid_pool_averages_each_region_of_patch_tokens() {
+        // 1 cls + 4×4 patches, d = 1: token value = its patch index; the cls is 100.
+        let values: Vec<f32> = std::iter::once(100.0)
+            .chain((0..16).map(|i| i as f32))
+            .collect();
+        let tokens = Tensor::from_vec(values, (1, 17, 1), &Device::Cpu).unwrap();
+        let pooled: Vec<f32> = grid_pool(&tokens, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Region (0,0) holds patches 0, 1, 4, 5.
+        assert_eq!(pooled, vec![2.5, 4.5, 10.5, 12.5]);
+        assert!(grid_pool(&tokens, 3).is_err(), "3 does not divide 4");
+    }
+
+    #[test]
+    fn whitening_centres_and_projects_and_checks_its_shapes() {
+        let dev = Device::Cpu;
+        let spec = WhitenedGridSpec { layer: 0, grid: 1 };
+        let mean = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let projection = Tensor::new(&[[2f32], [0.0]], &dev).unwrap();
+        let w = WhitenedGrid::new(spec, mean.clone(), projection.clone(), 2, 1).unwrap();
+        assert_eq!(w.dim(), 1);
+        // One patch token (3, 5): (3 − 1)·2 + (5 − 2)·0 = 4.
+        let tokens = Tensor::new(&[[[9f32, 9.0], [3.0, 5.0]]], &dev).unwrap();
+        let out: Vec<f32> = w
+            .apply(&tokens)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(out, vec![4.0]);
+        assert!(WhitenedGrid::new(spec, mean.clone(), projection.clone(), 3, 1).is_err());
+        let deep = WhitenedGridSpec { layer: 1, grid: 1 };
+        assert!(WhitenedGrid::new(deep, mean, projection, 2, 1).is_err());
+    }
+}
