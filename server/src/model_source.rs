@@ -167,9 +167,24 @@ fn choose_precision(
     )
     .map_err(|e| e.to_string())?;
     let time = |m: &CrateMae| -> Result<(f64, Vec<Vec<f32>>), String> {
+        // The embedding compared: the whitened grid when the model ships one (whitening
+        // scales low-variance directions up, and with them bf16's rounding), else the mean.
         let embed = || -> Result<Vec<Vec<f32>>, String> {
-            let tokens = m.embed_tokens(&images).map_err(err)?;
-            crate_mae::mae::pool(&tokens, Pooling::Mean)
+            let pooled = match m.whitened_grid() {
+                Some(w) => {
+                    let keep = crate_mae::Keep {
+                        outputs: [w.spec.layer].into(),
+                        ..Default::default()
+                    };
+                    let mut encoded = m.encode_keeping(&images, None, &keep).map_err(err)?;
+                    let tokens = encoded.outputs.remove(&w.spec.layer).expect("kept");
+                    m.pool(&tokens, Pooling::WhitenedGrid)
+                }
+                None => m
+                    .embed_tokens(&images)
+                    .and_then(|t| crate_mae::mae::pool(&t, Pooling::Mean)),
+            };
+            pooled
                 .and_then(|p| p.to_vec2::<f32>().map_err(Into::into))
                 .map_err(err)
         };
