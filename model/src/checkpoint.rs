@@ -289,7 +289,8 @@ pub fn read_weights(path: &Path, device: &Device) -> Result<RawWeights> {
 
 /// Reads safetensors from memory (a mapped file or bytes embedded in the binary).
 pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeights> {
-    let here = Path::new("<memory>");
+    const MEMORY: &str = "<memory>";
+    let here = Path::new(MEMORY);
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| checkpoint_error(here, format!("not a valid safetensors file: {e}")))?;
     // Each of our metadata entries, parsed, or None when the file does not say.
@@ -299,9 +300,9 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<RawWeight
         parse: impl FnOnce(&str) -> std::result::Result<T, String>,
     ) -> Result<Option<T>> {
         match metadata.as_ref().and_then(|m| m.get(key)) {
-            Some(value) => parse(value).map(Some).map_err(|e| {
-                checkpoint_error(Path::new("<memory>"), format!("metadata `{key}`: {e}"))
-            }),
+            Some(value) => parse(value)
+                .map(Some)
+                .map_err(|e| checkpoint_error(Path::new(MEMORY), format!("metadata `{key}`: {e}"))),
             None => Ok(None),
         }
     }

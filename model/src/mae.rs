@@ -716,7 +716,6 @@ impl CrateMae {
     }
 }
 
-/// `[B, N, d]` → `[B, d]`.
 /// Cls or mean pooling of `[B, N, d]` tokens; the whitened grid needs the model's own
 /// projection ([`CrateMae::pool`]).
 pub fn pool(tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {

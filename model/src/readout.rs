@@ -56,7 +56,8 @@ impl WhitenedGrid {
     pub const MEAN: &'static str = "whitened_grid.mean";
     pub const PROJECTION: &'static str = "whitened_grid.projection";
 
-    /// Checks the shapes against the model's width and depth.
+    /// Checks the shapes against the model's width and depth. The tensors stay on the device
+    /// they come on (the model's: checkpoints are read onto it).
     pub fn new(
         spec: WhitenedGridSpec,
         mean: Tensor,
@@ -99,8 +100,7 @@ impl WhitenedGrid {
     /// `[B, 1 + L, d]` tokens of block `spec.layer` → `[B, k]` (f32).
     pub fn apply(&self, tokens: &Tensor) -> Result<Tensor> {
         let pooled = grid_pool(&tokens.to_dtype(DType::F32)?, self.spec.grid)?;
-        let centred = pooled.broadcast_sub(&self.mean.to_device(pooled.device())?)?;
-        Ok(centred.matmul(&self.projection.to_device(pooled.device())?)?)
+        Ok(pooled.broadcast_sub(&self.mean)?.matmul(&self.projection)?)
     }
 
     /// The two tensors under their checkpoint names.

@@ -411,19 +411,21 @@ fn eval(args: EvalArgs) -> Result<()> {
         if let (ServedReadout::Whitened { layer, k }, Some((mean, projection))) =
             (served, &whitening)
         {
-            let d = mean.len();
-            tensors.insert(
-                WhitenedGrid::MEAN.into(),
-                Tensor::from_slice(mean, d, &device)?,
-            );
-            tensors.insert(
-                WhitenedGrid::PROJECTION.into(),
-                Tensor::from_slice(projection, (d, k), &device)?,
-            );
-            serving.whitened_grid = Some(WhitenedGridSpec {
+            let spec = WhitenedGridSpec {
                 layer,
                 grid: WHITENED_GRID,
-            });
+            };
+            let d = mean.len();
+            // Built as the server will build it: the shapes are checked before they are saved.
+            let readout = WhitenedGrid::new(
+                spec,
+                Tensor::from_slice(mean, d, &device)?,
+                Tensor::from_slice(projection, (d, k), &device)?,
+                cfg.dim,
+                cfg.depth,
+            )?;
+            tensors.extend(readout.tensors());
+            serving.whitened_grid = Some(spec);
         }
         checkpoint::save_safetensors(&tensors, &cfg, serving, out)?;
         println!(

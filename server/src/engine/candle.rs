@@ -41,15 +41,6 @@ fn host(t: &Tensor) -> Result<Vec<f32>, ServeError> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
-/// Whose tokens a task's embedding pools: its `layer` (None: the final latent), except the
-/// whitened grid, which reads the block it was fitted on.
-fn pooled_from(model: &CrateMae, task: &EmbedTask) -> Option<usize> {
-    match (task.pooling, model.whitened_grid()) {
-        (Pooling::WhitenedGrid, Some(w)) => Some(w.spec.layer),
-        _ => task.layer,
-    }
-}
-
 /// `[B, N, d]` tokens pooled, on the device, each way some task asked for; each copied to
 /// the host once.
 struct Pooled {
@@ -68,7 +59,7 @@ impl Pooled {
         for p in [Pooling::Cls, Pooling::Mean, Pooling::WhitenedGrid] {
             if tasks
                 .iter()
-                .any(|t| pooled_from(model, t) == source && t.pooling == p)
+                .any(|t| t.pooled_from == source && t.pooling == p)
             {
                 let pooled = model.pool(tokens, p)?;
                 by.push((p, pooled.dim(D::Minus1)?, host(&pooled)?));
@@ -103,7 +94,7 @@ impl Backend for CandleBackend {
         let keep = Keep {
             outputs: tasks
                 .iter()
-                .flat_map(|t| [t.layer, pooled_from(&self.model, t)])
+                .flat_map(|t| [t.layer, t.pooled_from])
                 .flatten()
                 .collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
@@ -148,7 +139,7 @@ impl Backend for CandleBackend {
         let per_image_attention = heads * (ntok - 1);
         let mut embeddings = Vec::with_capacity(tasks.len());
         for (b, task) in tasks.iter().enumerate() {
-            let mut values = pooled[&pooled_from(&self.model, task)].row(task.pooling, b);
+            let mut values = pooled[&task.pooled_from].row(task.pooling, b);
             if task.normalize {
                 let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 values.iter_mut().for_each(|v| *v /= norm);
@@ -279,6 +270,7 @@ mod tests {
         EmbedTask {
             pooling: Pooling::Mean,
             layer: None,
+            pooled_from: None,
             normalize: false,
             patch_tokens: false,
             diagnostics,

@@ -311,6 +311,7 @@ impl Engine {
         let facts = &ready.info.facts;
         let pooling = req.pooling.unwrap_or(facts.recommended_pooling);
         let source = layer("layer", req.layer)?;
+        let mut pooled_from = source;
         // The whitened grid reads one block's output, whatever `layer` says of the rest.
         if pooling == Pooling::WhitenedGrid {
             let Some(w) = facts.whitened_grid else {
@@ -324,10 +325,12 @@ impl Engine {
                     w.spec.layer, w.spec.layer
                 )));
             }
+            pooled_from = Some(w.spec.layer);
         }
         let task = Arc::new(EmbedTask {
             pooling,
             layer: source,
+            pooled_from,
             normalize: req.normalize,
             patch_tokens: req.patch_tokens,
             diagnostics: req.diagnostics,

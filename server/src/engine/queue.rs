@@ -448,6 +448,7 @@ mod tests {
             Kind::Embed => Task::Embed(Arc::new(EmbedTask {
                 pooling: Pooling::Cls,
                 layer: None,
+                pooled_from: None,
                 normalize: false,
                 patch_tokens: false,
                 diagnostics: false,

@@ -306,7 +306,10 @@ pub struct CompleteResult {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedTask {
     pub pooling: Pooling,
+    /// Whose tokens `patch_tokens` are (None: the final latent).
     pub layer: Option<usize>,
+    /// Whose tokens the embedding pools: `layer`, except the whitened grid's own block.
+    pub pooled_from: Option<usize>,
     pub normalize: bool,
     pub patch_tokens: bool,
     pub diagnostics: bool,
