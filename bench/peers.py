@@ -3,6 +3,9 @@
 All three run the project's own PyTorch reference (bench/pytorch_reference.py, checked against
 the golden vectors from the official code), encoder only: `forward_encoder(x)` with no mask,
 i.e. the latent [B, 1+L, d] after the final norm (the embedding path). Random seeded weights.
+Unless --no-complete, PyTorch also times the completion path (`Complete`): the encoder on the image
+with 75 % of its patches masked, then the decoder, `forward_decoder(forward_encoder(x, mask))`;
+those records have task "complete" (ONNX Runtime times the embedding path only).
 ONNX Runtime runs that model exported with torch.onnx.export (opset 17, dynamic batch axis),
 cached per configuration in --onnx-dir and checked against PyTorch fp32 (max abs diff <= 1e-4)
 once per configuration before any timing.
@@ -188,15 +191,29 @@ def run(args):
             def ort_fp32():
                 sess.run(None, {"imgs": x_np})
 
-            fns = {"torch-fp32": torch_fp32, "torch-bf16": torch_bf16, "ort-fp32": ort_fp32}
-            for engine in engines:
-                median, mean, runs = measure(fns[engine], batch, args.seconds)
-                row = dict(engine=engine, config=config, batch=batch, threads=args.threads,
+            patches = (img_size // ref.CONFIGS[config][1]) ** 2
+            mask = ref.random_mask(batch, patches, 0.75, torch.Generator().manual_seed(3))
+            model = encoder.model
+
+            def complete(autocast):
+                def fn():
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        model.forward_decoder(model.forward_encoder(x, mask))
+                return fn
+
+            cells = [("embed", e, {"torch-fp32": torch_fp32, "torch-bf16": torch_bf16,
+                                   "ort-fp32": ort_fp32}[e]) for e in engines]
+            if args.complete:
+                cells += [("complete", e, complete(e == "torch-bf16"))
+                          for e in engines if e.startswith("torch")]
+            for task, engine, fn in cells:
+                median, mean, runs = measure(fn, batch, args.seconds)
+                row = dict(engine=engine, task=task, config=config, batch=batch, threads=args.threads,
                            images_per_s=batch / median, ms_per_batch=median * 1e3,
                            images_per_s_mean=batch / mean, runs=runs,
                            version=versions["onnxruntime" if engine.startswith("ort") else "torch"])
                 rows.append(row)
-                print(f"  {config} b{batch} {engine:10s} {row['images_per_s']:9.1f} img/s  "
+                print(f"  {config} b{batch} {task:8s} {engine:10s} {row['images_per_s']:9.1f} img/s  "
                       f"{row['ms_per_batch']:9.2f} ms/batch (median of {runs})", flush=True)
     return rows
 
@@ -219,6 +236,8 @@ def main():
     p.add_argument("--seconds", type=float, default=3.0, help="minimum measuring time per cell and engine")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--onnx-dir", default=str(Path(__file__).resolve().parent.parent / "target/peers/onnx"))
+    p.add_argument("--complete", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time PyTorch's completion path (encoder on a masked image + decoder)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     args = p.parse_args()
     rows = run(args)

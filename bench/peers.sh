@@ -14,7 +14,9 @@
 #
 # Environment: CONFIGS (builtin,tiny,base), BATCHES (1,8,32), THREADS (2), SECONDS_PER (3,
 # minimum measuring time per cell and engine), ENGINES (torch-fp32,torch-bf16,ort-fp32),
-# DURATION (20, seconds per serving run), SKIP_SERVING, SETUP_ONLY, OUT (target/peers).
+# DURATION (20, seconds per serving run), SKIP_SERVING, SKIP_COMPLETE (only the embedding path;
+# otherwise Complete, encoder on a 75 %-masked image + decoder, is timed beside PyTorch's too),
+# SETUP_ONLY, OUT (target/peers).
 # The venv (target/peers/venv, 5.5 GiB with PyPI's torch, which pulls the CUDA runtime wheels;
 # about 3 minutes to install) is created once and reused while its stamp file matches the
 # pinned requirements below. The ONNX exports are cached in target/peers/onnx.
@@ -82,14 +84,14 @@ for config in ${CONFIGS//,/ }; do
   rust_json=$OUT/crate-mae-$config-$stamp.json
   # RAYON_NUM_THREADS as well as --threads: candle's CPU kernels size their pool from it.
   RAYON_NUM_THREADS=$THREADS target/release/examples/bench --sizes "$config" --batches "$BATCHES" \
-    --dtypes f32,bf16 --encoder-only --seconds "$SECONDS_PER" --threads "$THREADS" --json "$rust_json"
+    --dtypes f32,bf16 ${SKIP_COMPLETE:+--encoder-only} --seconds "$SECONDS_PER" --threads "$THREADS" --json "$rust_json"
   jsons+=("$rust_json")
   echo "== $config: $ENGINES"
   py_json=$OUT/python-$config-$stamp.json
   # OMP/MKL variables too, so that no library sizes a pool from nproc behind set_num_threads.
   OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS "$PY" bench/peers.py --configs "$config" \
     --batches "$BATCHES" --threads "$THREADS" --seconds "$SECONDS_PER" --engines "$ENGINES" \
-    --onnx-dir "$OUT/onnx" --json "$py_json"
+    --onnx-dir "$OUT/onnx" ${SKIP_COMPLETE:+--no-complete} --json "$py_json"
   jsons+=("$py_json")
 done
 

@@ -4,7 +4,8 @@
       Each file: a JSON list of {"engine", "config", "batch", "threads", "images_per_s",
       "ms_per_batch"} (the Rust bench's --json and bench/peers.py's --json). Prints
       config | batch | crate-mae img/s | torch fp32 | torch bf16 | ORT fp32 | ratios, where a
-      ratio is crate-mae img/s divided by the peer's (> 1: crate-mae is faster).
+      ratio is crate-mae img/s divided by the peer's (> 1: crate-mae is faster); then, where
+      the files have completion figures, the same for Complete against PyTorch.
   python3 bench/peers_report.py --serving serving.json --serving-c1 serving-c1.json --inproc crate-mae.json
       The built-in model served through gRPC (crate-mae-load --json) against the in-process
       crate-mae `builtin` figures at batch 8 and 32.
@@ -71,6 +72,8 @@ def ratio(a, b):
 def table(records):
     cells = {}  # (threads, config, batch) -> engine -> img/s (the last record wins)
     for r in records:
+        if r.get("task", "embed") != "embed":
+            continue
         cells.setdefault((int(r["threads"]), r["config"], int(r["batch"])), {})[r["engine"]] = float(r["images_per_s"])
     order = {c: i for i, c in enumerate(CONFIG_ORDER)}
     keys = sorted(cells, key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2]))
@@ -97,6 +100,33 @@ def table(records):
     others = sorted({e for c in cells.values() for e in c} - {OURS, OURS_BF16} - {e for e, _ in PEERS})
     if others:
         out.append(f"(records of other engines not shown: {', '.join(others)})")
+    return "\n".join(out)
+
+
+def completion_table(records):
+    """Complete (encoder on a 75 %-masked image + decoder): crate-mae's completion figures
+    (the Rust bench's completion_images_per_s) against PyTorch's task "complete" records."""
+    cells = {}  # (threads, config, batch) -> engine -> img/s
+    for r in records:
+        key = (int(r["threads"]), r["config"], int(r["batch"]))
+        if r["engine"] in (OURS, OURS_BF16) and r.get("completion_images_per_s"):
+            cells.setdefault(key, {})[r["engine"]] = float(r["completion_images_per_s"])
+        elif r.get("task") == "complete":
+            cells.setdefault(key, {})[r["engine"]] = float(r["images_per_s"])
+    keys = [k for k in cells if OURS in cells[k] and any(e in cells[k] for e in ("torch-fp32", "torch-bf16"))]
+    if not keys:
+        return ""
+    order = {c: i for i, c in enumerate(CONFIG_ORDER)}
+    keys.sort(key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2]))
+    head = ["threads", "config", "batch", f"{OURS} img/s", "torch fp32", "ratio vs torch fp32",
+            f"{OURS} bf16 img/s", "torch bf16", "bf16 ratio vs torch bf16"]
+    out = ["", "### Complete (encoder on a 75 %-masked image, then the decoder)", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        c = cells[k]
+        out.append("| " + " | ".join([str(k[0]), k[1], str(k[2]), fmt(c.get(OURS)), fmt(c.get("torch-fp32")),
+                                      ratio(c.get(OURS), c.get("torch-fp32")), fmt(c.get(OURS_BF16)),
+                                      fmt(c.get("torch-bf16")), ratio(c.get(OURS_BF16), c.get("torch-bf16"))]) + " |")
     return "\n".join(out)
 
 
@@ -143,7 +173,9 @@ def main():
             p.error("--serving needs --inproc")
         print(serving(args))
     if args.jsons:
-        print(table(load(args.jsons)))
+        records = load(args.jsons)
+        print(table(records))
+        print(completion_table(records))
     if not args.serving and not args.jsons:
         p.error("pass JSON files, or --serving/--inproc")
     return 0

@@ -293,3 +293,41 @@ async fn the_default_embedding_is_the_whitened_grid_the_weights_ship() {
         status.message()
     );
 }
+
+/// The built-in model's evaluation (`eval.json`, written by `crate-mae-train eval --export`
+/// with the weights) is what the server serves and what the README reports: the default
+/// readout's block and width, and its 20-NN and linear-probe figures in the README's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readme_and_model_info_report_the_shipped_evaluation() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let eval: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("server/assets/default-model/eval.json")).unwrap(),
+    )
+    .unwrap();
+    let default = &eval["probes"]["default"];
+    let readout = default["readout"].as_str().unwrap();
+    let (_server, _client, info) = built_in().await;
+    let grid = info.whitened_grid.expect("a whitened grid");
+    assert_eq!(
+        readout,
+        format!(
+            "layer{}.whitened-grid{}-{}",
+            grid.layer, grid.grid, grid.dim
+        ),
+        "eval.json's default readout is not what the server serves"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| **what `Embed` returns by default**"))
+        .expect("the README's built-in table has a default row");
+    let pct = |key: &str| format!("{:.2} %", default[key].as_f64().unwrap() * 100.0);
+    for key in ["knn20", "linear_probe"] {
+        assert!(
+            row.contains(&pct(key)),
+            "README's default row lacks {key} = {}: {row}",
+            pct(key)
+        );
+    }
+    assert!(row.contains(&format!("| {} |", grid.dim)), "{row}");
+}
