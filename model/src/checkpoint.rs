@@ -508,7 +508,27 @@ pub fn model_from_tensors(
     cfg: &CrateMaeConfig,
     device: &Device,
 ) -> Result<CrateMae> {
+    let tensors = if device.is_cpu() {
+        tensors
+            .into_iter()
+            .map(|(name, t)| Ok((name.clone(), row_major_transpose(&name, t)?)))
+            .collect::<Result<_>>()?
+    } else {
+        tensors
+    };
     CrateMae::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
+}
+
+/// Every product applies a linear weight `W` (`[out, in]`) as `x·Wᵀ`. On the CPU, `gemm`
+/// packs `Wᵀ` faster when it is row-major (197×768×768 on two Xeon cores: 270 against
+/// 195 GFLOP/s), so 2-D weights are kept as the same tensor laid out transposed (strides
+/// `(1, out)`); every consumer reads them through their strides.
+fn row_major_transpose(name: &str, t: Tensor) -> Result<Tensor> {
+    if t.rank() == 2 && name.ends_with(".weight") && t.is_contiguous() {
+        Ok(t.t()?.contiguous()?.t()?)
+    } else {
+        Ok(t)
+    }
 }
 
 /// How to pick the configuration of a checkpoint.

@@ -1,7 +1,8 @@
 //! Matrix products of the CPU encoder.
 //!
 //! f32: the `gemm` crate (AVX-512 / AVX2 kernels, chosen at run time) on strided views, so a
-//! weight is used in place, as candle stores it. bf16: a kernel of our own on AVX512-BF16
+//! weight is used in place, as candle stores it (on the CPU, laid out transposed at load:
+//! `checkpoint::model_from_tensors`). bf16: a kernel of our own on AVX512-BF16
 //! (`vdpbf16ps`: two bf16 products accumulated into f32 per lane, twice the f32 rate): the
 //! weights are converted and packed once at load, the activations are rounded to bf16 as they
 //! enter each product, and every accumulation is f32.
