@@ -16,7 +16,6 @@ mod kernels;
 pub mod matmul;
 
 use candle_core::{Device, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::device::Precision;
@@ -104,7 +103,7 @@ impl Dense {
         // CPU has AVX512-BF16 (checked when packing in `CpuEncoder::new`).
         unsafe {
             match &self.weight {
-                Weight::F32 { view, .. } => matmul::f32_xwt(
+                Weight::F32 { view, .. } => matmul::f32_xwt_threads(
                     m,
                     self.n,
                     self.k,
@@ -114,7 +113,7 @@ impl Dense {
                     c.as_mut_ptr(),
                     self.n,
                     accumulate,
-                    parallelism(threads),
+                    threads,
                 ),
                 Weight::Bf16(packed) => {
                     debug_assert!(!accumulate);
@@ -138,14 +137,6 @@ impl Dense {
             Weight::F32 { .. } => 0,
             Weight::Bf16(p) => p.bytes(),
         }
-    }
-}
-
-fn parallelism(threads: usize) -> Parallelism {
-    if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
     }
 }
 
