@@ -69,14 +69,19 @@ def ratio(a, b):
     return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def cell_order(key):
+    """Sort key of a (threads, config, batch) cell: threads, configs by size, batch."""
+    order = {c: i for i, c in enumerate(CONFIG_ORDER)}
+    return (key[0], order.get(key[1], len(order)), key[1], key[2])
+
+
 def table(records):
     cells = {}  # (threads, config, batch) -> engine -> img/s (the last record wins)
     for r in records:
         if r.get("task", "embed") != "embed":
             continue
         cells.setdefault((int(r["threads"]), r["config"], int(r["batch"])), {})[r["engine"]] = float(r["images_per_s"])
-    order = {c: i for i, c in enumerate(CONFIG_ORDER)}
-    keys = sorted(cells, key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2]))
+    keys = sorted(cells, key=cell_order)
     threads = sorted({k[0] for k in keys})
     versions = sorted({f"{'onnxruntime' if r['engine'].startswith('ort') else r['engine'].split('-')[0]} "
                        f"{r['version']}" for r in records if r.get("version")})
@@ -116,8 +121,7 @@ def completion_table(records):
     keys = [k for k in cells if OURS in cells[k] and any(e in cells[k] for e in ("torch-fp32", "torch-bf16"))]
     if not keys:
         return ""
-    order = {c: i for i, c in enumerate(CONFIG_ORDER)}
-    keys.sort(key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2]))
+    keys.sort(key=cell_order)
     head = ["threads", "config", "batch", f"{OURS} img/s", "torch fp32", "ratio vs torch fp32",
             f"{OURS} bf16 img/s", "torch bf16", "bf16 ratio vs torch bf16"]
     out = ["", "### Complete (encoder on a 75 %-masked image, then the decoder)", "",

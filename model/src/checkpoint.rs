@@ -511,7 +511,10 @@ pub fn model_from_tensors(
     let tensors = if device.is_cpu() {
         tensors
             .into_iter()
-            .map(|(name, t)| Ok((name.clone(), row_major_transpose(&name, t)?)))
+            .map(|(name, t)| {
+                let t = row_major_transpose(&name, t)?;
+                Ok((name, t))
+            })
             .collect::<Result<_>>()?
     } else {
         tensors

@@ -26,7 +26,7 @@ pub fn grid_pool(tokens: &Tensor, grid: usize) -> Result<Tensor> {
     // One product with a fixed pooling matrix `[g², 1 + L]` (a zero column for the cls token,
     // 1/region-size where a patch lies in a region): a single matmul on every device, where
     // reshaping into regions and averaging twice cost several strided reductions (at batch
-    // 32, 2.5 ms on two Xeon cores against an 9 ms encoder).
+    // 32, 2.5 ms on two Xeon cores against a 9 ms encoder).
     let cell = side / grid;
     let weight = 1.0 / (cell * cell) as f32;
     let pooling: Vec<f32> = (0..grid * grid)

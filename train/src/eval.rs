@@ -243,6 +243,47 @@ pub fn knn(
         .collect())
 }
 
+/// Per-column mean and standard deviation of the rows a probe is fitted on; probes see
+/// standardised features with a column of ones for the bias (`[n, d + 1]`).
+struct Standardised {
+    mean: Vec<f64>,
+    sd: Vec<f64>,
+}
+
+impl Standardised {
+    fn fit(f: &Features, rows: std::ops::Range<usize>) -> Self {
+        let d = f.dim;
+        let n = rows.len() as f64;
+        let (mean, sd) = (0..d)
+            .map(|j| {
+                let col = || rows.clone().map(|i| f.values[i * d + j] as f64);
+                let m = col().sum::<f64>() / n;
+                let v = col().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+                (m, v.sqrt().max(1e-8))
+            })
+            .unzip();
+        Self { mean, sd }
+    }
+
+    /// Row `i`, column `j` of the design: the standardised feature, or 1 for the bias.
+    fn value(&self, f: &Features, i: usize, j: usize) -> f64 {
+        match self.mean.get(j) {
+            Some(m) => (f.values[i * f.dim + j] as f64 - m) / self.sd[j],
+            None => 1.0,
+        }
+    }
+
+    /// Rows `rows` of the design as an f32 tensor (the softmax probe's).
+    fn design(&self, f: &Features, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let d1 = f.dim + 1;
+        let values: Vec<f32> = rows
+            .clone()
+            .flat_map(|i| (0..d1).map(move |j| self.value(f, i, j) as f32))
+            .collect();
+        Ok(Tensor::from_vec(values, (rows.len(), d1), &Device::Cpu)?)
+    }
+}
+
 /// Ridge-regression linear probe on standardised features (one-hot targets). The penalty is
 /// picked on the last `val` training rows, then the probe is refitted on all training rows.
 pub fn ridge_probe(
@@ -253,22 +294,10 @@ pub fn ridge_probe(
     val: usize,
 ) -> (f64, f64) {
     let d = train.dim;
-    let (mu, sd): (Vec<f64>, Vec<f64>) = (0..d)
-        .map(|j| {
-            let col = (0..train.rows()).map(|i| train.values[i * d + j] as f64);
-            let n = train.rows() as f64;
-            let m = col.clone().sum::<f64>() / n;
-            let v = col.map(|x| (x - m).powi(2)).sum::<f64>() / n;
-            (m, v.sqrt().max(1e-8))
-        })
-        .unzip();
+    let standard = Standardised::fit(train, 0..train.rows());
     let design = |f: &Features, rows: std::ops::Range<usize>| {
         DMatrix::from_fn(rows.len(), d + 1, |i, j| {
-            if j == d {
-                1.0
-            } else {
-                (f.values[(rows.start + i) * d + j] as f64 - mu[j]) / sd[j]
-            }
+            standard.value(f, rows.start + i, j)
         })
     };
     let onehot = |labels: &[u8]| {
@@ -321,42 +350,6 @@ pub fn ridge_probe(
 /// L2 penalties the softmax probe tries, strongest first (each fit starts from the last).
 const SOFTMAX_PENALTIES: [f64; 5] = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4];
 
-/// Features standardised with the statistics of the rows a probe is fitted on, with a
-/// column of ones for the bias: `[n, d + 1]`.
-struct Standardised {
-    mean: Vec<f32>,
-    sd: Vec<f32>,
-}
-
-impl Standardised {
-    fn fit(f: &Features, rows: std::ops::Range<usize>) -> Self {
-        let d = f.dim;
-        let n = rows.len() as f64;
-        let (mean, sd) = (0..d)
-            .map(|j| {
-                let col = || rows.clone().map(|i| f.values[i * d + j] as f64);
-                let m = col().sum::<f64>() / n;
-                let v = col().map(|x| (x - m).powi(2)).sum::<f64>() / n;
-                (m as f32, v.sqrt().max(1e-8) as f32)
-            })
-            .unzip();
-        Self { mean, sd }
-    }
-
-    fn design(&self, f: &Features, rows: std::ops::Range<usize>) -> Result<Tensor> {
-        let d = f.dim;
-        let values: Vec<f32> = rows
-            .clone()
-            .flat_map(|i| {
-                (0..d)
-                    .map(move |j| (f.values[i * d + j] - self.mean[j]) / self.sd[j])
-                    .chain(std::iter::once(1.0))
-            })
-            .collect();
-        Ok(Tensor::from_vec(values, (rows.len(), d + 1), &Device::Cpu)?)
-    }
-}
-
 /// Mean cross-entropy of a linear classifier plus `penalty / 2 · ‖W‖²` (the bias row is not
 /// penalised), with its gradient; parameters are `W` `[d + 1, 10]` row-major, as L-BFGS
 /// sees them. The last evaluation is cached: the line search asks for the cost and the
@@ -394,18 +387,13 @@ impl<'a> SoftmaxLoss<'a> {
         })
     }
 
-    fn weights(&self, params: &[f64]) -> Result<Tensor> {
-        let w: Vec<f32> = params.iter().map(|&v| v as f32).collect();
-        Ok(Tensor::from_vec(w, (params.len() / 10, 10), &Device::Cpu)?)
-    }
-
     fn evaluate(&self, params: &[f64]) -> Result<(f64, Vec<f64>)> {
         let mut last = self.last.lock().expect("probe cache");
         if let Some(e) = last.as_ref().filter(|e| e.params == params) {
             return Ok((e.cost, e.grad.clone()));
         }
         let n = self.x.dim(0)? as f64;
-        let w = self.weights(params)?;
+        let w = softmax_weights(params)?;
         let logits = self.x.matmul(&w)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
@@ -472,10 +460,17 @@ impl argmin::core::Gradient for SoftmaxLoss<'_> {
     }
 }
 
-fn softmax_accuracy(x: &Tensor, labels: &[u8], params: &[f64]) -> Result<f64> {
+/// The probe's parameters as `W` `[d + 1, 10]`.
+fn softmax_weights(params: &[f64]) -> Result<Tensor> {
     let w: Vec<f32> = params.iter().map(|&v| v as f32).collect();
-    let w = Tensor::from_vec(w, (params.len() / 10, 10), &Device::Cpu)?;
-    let predicted: Vec<u32> = x.matmul(&w)?.argmax(D::Minus1)?.to_vec1()?;
+    Ok(Tensor::from_vec(w, (params.len() / 10, 10), &Device::Cpu)?)
+}
+
+fn softmax_accuracy(x: &Tensor, labels: &[u8], params: &[f64]) -> Result<f64> {
+    let predicted: Vec<u32> = x
+        .matmul(&softmax_weights(params)?)?
+        .argmax(D::Minus1)?
+        .to_vec1()?;
     let hits = predicted
         .iter()
         .zip(labels)

@@ -101,15 +101,15 @@ pub unsafe fn f32_xwt_threads(
     accumulate: bool,
     threads: usize,
 ) {
-    if threads <= 1 {
-        return f32_xwt(m, n, k, a, lda, w, c, ldc, accumulate, Parallelism::None);
-    }
     // Column blocks in whole 16-lane registers.
-    let block = n.div_ceil(threads).next_multiple_of(16);
-    if block >= n || 2 * m * n * k < SPLIT_MIN_FLOP {
-        // Small products (the built-in model's: 65×128×128) keep gemm's own policy, which
-        // was measured faster there than spawning one task per block.
-        let parallelism = Parallelism::Rayon(threads);
+    let block = n.div_ceil(threads.max(1)).next_multiple_of(16);
+    if threads <= 1 || block >= n || 2 * m * n * k < SPLIT_MIN_FLOP {
+        // One thread, or a small product (the built-in model's: 65×128×128), where gemm's
+        // own policy was measured faster than one task per block.
+        let parallelism = match threads {
+            0 | 1 => Parallelism::None,
+            t => Parallelism::Rayon(t),
+        };
         return f32_xwt(m, n, k, a, lda, w, c, ldc, accumulate, parallelism);
     }
     // Raw pointers are not Send; the blocks write disjoint columns of `c`.
@@ -117,21 +117,9 @@ pub unsafe fn f32_xwt_threads(
     rayon::scope(|scope| {
         for start in (0..n).step_by(block) {
             scope.spawn(move |_| {
-                let cols = block.min(n - start);
-                let w = w.skip_outputs(start);
-                let c = (c as *mut f32).add(start);
-                f32_xwt(
-                    m,
-                    cols,
-                    k,
-                    a as *const f32,
-                    lda,
-                    w,
-                    c,
-                    ldc,
-                    accumulate,
-                    Parallelism::None,
-                );
+                let (a, c) = (a as *const f32, (c as *mut f32).add(start));
+                let (cols, w) = (block.min(n - start), w.skip_outputs(start));
+                f32_xwt(m, cols, k, a, lda, w, c, ldc, accumulate, Parallelism::None);
             });
         }
     });
