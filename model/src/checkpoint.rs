@@ -28,7 +28,8 @@ pub const POOLING_METADATA_KEY: &str = "crate_mae.recommended_pooling";
 pub const FIT_METADATA_KEY: &str = "crate_mae.small_image_fit";
 
 /// Key under which a safetensors file declares the whitened grid readout it ships (JSON
-/// `{"layer": l, "grid": g}`; the tensors are `whitened_grid.mean` and `.projection`).
+/// `{"layer": l, "grid": g}`, with `"first_layer"` when it reads blocks `first_layer..=layer`;
+/// the tensors are `whitened_grid.mean` and `.projection`).
 pub const WHITENED_GRID_METADATA_KEY: &str = "crate_mae.whitened_grid";
 
 /// How an image smaller than the model's `S × S` input is fitted to it. Larger images are

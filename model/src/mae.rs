@@ -33,8 +33,8 @@ pub enum Pooling {
     Cls,
     /// Mean of the patch tokens.
     Mean,
-    /// The model's whitened grid readout ([`crate::readout::WhitenedGrid`]): one block's
-    /// patch tokens averaged over a grid of regions, centred and PCA-whitened by a projection
+    /// The model's whitened grid readout ([`crate::readout::WhitenedGrid`]): one or a few
+    /// consecutive blocks' patch tokens averaged over a grid of regions, centred and PCA-whitened by a projection
     /// fitted on the training images. Only for models whose weights carry one.
     WhitenedGrid,
 }
@@ -295,15 +295,14 @@ impl CrateMae {
         self.whitened_grid.as_ref()
     }
 
-    /// `[B, N, d]` tokens → `[B, dim]` by `pooling`. For the whitened grid the tokens must
-    /// be block `whitened_grid().spec.layer`'s output.
-    pub fn pool(&self, tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {
-        match (pooling, &self.whitened_grid) {
-            (Pooling::WhitenedGrid, Some(readout)) => readout.apply(tokens),
-            (Pooling::WhitenedGrid, None) => Err(ModelError::input(
+    /// The whitened grid embedding `[B, k]` from blocks' output tokens (those of
+    /// `whitened_grid().spec.layers()`, kept by [`Keep::outputs`]).
+    pub fn whitened_embedding(&self, outputs: &BTreeMap<usize, Tensor>) -> Result<Tensor> {
+        match &self.whitened_grid {
+            Some(readout) => readout.apply(outputs),
+            None => Err(ModelError::input(
                 "this model's weights carry no whitened-grid readout: use cls or mean pooling",
             )),
-            (other, _) => pool(tokens, other),
         }
     }
 
@@ -717,7 +716,7 @@ impl CrateMae {
 }
 
 /// Cls or mean pooling of `[B, N, d]` tokens; the whitened grid needs the model's own
-/// projection ([`CrateMae::pool`]).
+/// projection ([`CrateMae::whitened_embedding`]).
 pub fn pool(tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {
     let n = tokens.dim(1)?;
     Ok(match pooling {
@@ -725,7 +724,7 @@ pub fn pool(tokens: &Tensor, pooling: Pooling) -> Result<Tensor> {
         Pooling::Mean => tokens.narrow(1, 1, n - 1)?.mean(1)?,
         Pooling::WhitenedGrid => {
             return Err(ModelError::input(
-                "whitened-grid pooling needs the model's projection (CrateMae::pool)",
+                "whitened-grid pooling needs the model's projection (CrateMae::whitened_embedding)",
             ))
         }
     })

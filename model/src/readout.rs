@@ -8,6 +8,8 @@
 //! scale each to unit variance (PCA whitening, the standard retrieval post-processing). The
 //! result is a compact k-value embedding whose cosine k-NN is what the model card measures.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -50,19 +52,46 @@ pub fn grid_pool(tokens: &Tensor, grid: usize) -> Result<Tensor> {
 /// `crate_mae.whitened_grid` beside the two tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhitenedGridSpec {
-    /// The encoder block whose output is pooled (`Embed`'s `layer`).
+    /// The deepest encoder block read (`Embed`'s `layer`).
     pub layer: usize,
     /// Regions per side.
     pub grid: usize,
+    /// The first block read, when the readout concatenates the grids of blocks
+    /// `first_layer..=layer` (earlier blocks keep finer detail, later ones more shape); absent:
+    /// `layer` alone, as files written before it mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_layer: Option<usize>,
 }
 
-/// The whitened grid readout: `(grid_pool(tokens of block layer) − mean) · projection`.
+impl WhitenedGridSpec {
+    /// One block's grid.
+    pub fn of_layer(layer: usize, grid: usize) -> Self {
+        Self {
+            layer,
+            grid,
+            first_layer: None,
+        }
+    }
+
+    /// The blocks read, in the order their grids are concatenated.
+    pub fn layers(&self) -> std::ops::RangeInclusive<usize> {
+        self.first_layer.unwrap_or(self.layer)..=self.layer
+    }
+
+    /// Pooled values before the projection: g²·d per block read.
+    pub fn pooled_dim(&self, dim: usize) -> usize {
+        self.layers().count() * self.grid * self.grid * dim
+    }
+}
+
+/// The whitened grid readout: `([grid_pool(tokens of block l) for l in layers] − mean) ·
+/// projection`, the grids concatenated.
 #[derive(Debug, Clone)]
 pub struct WhitenedGrid {
     pub spec: WhitenedGridSpec,
-    /// `[g²·d]`, the training images' mean pooled vector.
+    /// `[blocks·g²·d]`, the training images' mean pooled vector.
     mean: Tensor,
-    /// `[g²·d, k]`: principal directions, each divided by the square root of its variance.
+    /// `[blocks·g²·d, k]`: principal directions, each divided by the square root of its variance.
     projection: Tensor,
 }
 
@@ -80,18 +109,21 @@ impl WhitenedGrid {
         dim: usize,
         depth: usize,
     ) -> Result<Self> {
-        let pooled = spec.grid * spec.grid * dim;
+        let pooled = spec.pooled_dim(dim);
         let bad = |why: String| Err(ModelError::Config(format!("whitened grid: {why}")));
-        if spec.layer >= depth {
+        let layers = spec.layers();
+        if spec.layer >= depth || layers.is_empty() {
             return bad(format!(
-                "reads layer {} of a {depth}-layer encoder",
-                spec.layer
+                "reads layers {}..={} of a {depth}-layer encoder",
+                layers.start(),
+                layers.end()
             ));
         }
         if mean.dims() != [pooled] {
             return bad(format!(
-                "mean is {:?}, expected [{pooled}] ({}×{} regions × {dim})",
+                "mean is {:?}, expected [{pooled}] ({} blocks × {}×{} regions × {dim})",
                 mean.dims(),
+                layers.count(),
                 spec.grid,
                 spec.grid
             ));
@@ -112,9 +144,20 @@ impl WhitenedGrid {
         self.projection.dims()[1]
     }
 
-    /// `[B, 1 + L, d]` tokens of block `spec.layer` → `[B, k]` (f32).
-    pub fn apply(&self, tokens: &Tensor) -> Result<Tensor> {
-        let pooled = grid_pool(&tokens.to_dtype(DType::F32)?, self.spec.grid)?;
+    /// Blocks' `[B, 1 + L, d]` output tokens (at least those of `spec.layers()`, as
+    /// [`crate::Encoded::outputs`] holds them) → `[B, k]` (f32).
+    pub fn apply(&self, outputs: &BTreeMap<usize, Tensor>) -> Result<Tensor> {
+        let grids = self
+            .spec
+            .layers()
+            .map(|l| {
+                let tokens = outputs.get(&l).ok_or_else(|| {
+                    ModelError::input(format!("the whitened grid reads block {l}'s output"))
+                })?;
+                grid_pool(&tokens.to_dtype(DType::F32)?, self.spec.grid)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::cat(&grids, 1)?;
         Ok(pooled.broadcast_sub(&self.mean)?.matmul(&self.projection)?)
     }
 
@@ -191,7 +234,7 @@ mod tests {
     #[test]
     fn whitening_centres_and_projects_and_checks_its_shapes() {
         let dev = Device::Cpu;
-        let spec = WhitenedGridSpec { layer: 0, grid: 1 };
+        let spec = WhitenedGridSpec::of_layer(0, 1);
         let mean = Tensor::new(&[1f32, 2.0], &dev).unwrap();
         let projection = Tensor::new(&[[2f32], [0.0]], &dev).unwrap();
         let w = WhitenedGrid::new(spec, mean.clone(), projection.clone(), 2, 1).unwrap();
@@ -199,7 +242,7 @@ mod tests {
         // One patch token (3, 5): (3 − 1)·2 + (5 − 2)·0 = 4.
         let tokens = Tensor::new(&[[[9f32, 9.0], [3.0, 5.0]]], &dev).unwrap();
         let out: Vec<f32> = w
-            .apply(&tokens)
+            .apply(&[(0, tokens)].into())
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -207,7 +250,45 @@ mod tests {
             .unwrap();
         assert_eq!(out, vec![4.0]);
         assert!(WhitenedGrid::new(spec, mean.clone(), projection.clone(), 3, 1).is_err());
-        let deep = WhitenedGridSpec { layer: 1, grid: 1 };
+        let deep = WhitenedGridSpec::of_layer(1, 1);
         assert!(WhitenedGrid::new(deep, mean, projection, 2, 1).is_err());
+    }
+
+    /// Two blocks' grids are concatenated in block order before the one projection, and a
+    /// missing block is an error that names it.
+    #[test]
+    fn a_readout_of_several_blocks_concatenates_their_grids() {
+        let dev = Device::Cpu;
+        let spec = WhitenedGridSpec {
+            layer: 2,
+            grid: 1,
+            first_layer: Some(1),
+        };
+        assert_eq!((spec.layers(), spec.pooled_dim(2)), (1..=2, 4));
+        let mean = Tensor::new(&[1f32, 0.0, 0.0, 0.0], &dev).unwrap();
+        // Picks pooled values 0 and 3: block 1's first channel, block 2's second.
+        let projection =
+            Tensor::new(&[[1f32, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]], &dev).unwrap();
+        let w = WhitenedGrid::new(spec, mean.clone(), projection.clone(), 2, 3).unwrap();
+        let tokens = |a: f32, b: f32| Tensor::new(&[[[0f32, 0.0], [a, b]]], &dev).unwrap();
+        let outputs: BTreeMap<usize, Tensor> =
+            [(1, tokens(3.0, 4.0)), (2, tokens(5.0, 6.0))].into();
+        let out: Vec<f32> = w
+            .apply(&outputs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(out, vec![2.0, 6.0]);
+        let err = w.apply(&[(2, tokens(5.0, 6.0))].into()).unwrap_err();
+        assert!(err.to_string().contains("block 1"), "{err}");
+        // Too shallow an encoder, and a mean sized for one block, are refused.
+        assert!(WhitenedGrid::new(spec, mean.clone(), projection.clone(), 2, 2).is_err());
+        let one = WhitenedGridSpec::of_layer(2, 1);
+        assert!(WhitenedGrid::new(one, mean, projection, 2, 3).is_err());
+        // Files written before `first_layer` read one block.
+        let old: WhitenedGridSpec = serde_json::from_str(r#"{"layer":1,"grid":4}"#).unwrap();
+        assert_eq!(old.layers(), 1..=1);
     }
 }

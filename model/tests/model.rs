@@ -208,9 +208,15 @@ fn layer_norm_and_softmax_fall_back_to_differentiable_ops_when_training() -> Res
     Ok(())
 }
 
-fn write_temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("crate-mae-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A scratch folder removed when the test ends, passed or not.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("crate-mae-test-")
+        .tempdir()
+        .expect("a scratch folder")
+}
+
+fn write_temp(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::File::create(&path)
         .unwrap()
@@ -226,7 +232,7 @@ fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
     let cfg = small_config();
     let dev = Device::Cpu;
     let mut weights = init::random_weights(&cfg, 3, &dev)?;
-    let spec = WhitenedGridSpec { layer: 1, grid: 2 };
+    let spec = WhitenedGridSpec::of_layer(1, 2);
     let pooled = 4 * cfg.dim;
     let mean = Tensor::randn(0f32, 1.0, pooled, &dev)?;
     let projection = Tensor::randn(0f32, 1.0, (pooled, 5), &dev)?;
@@ -237,8 +243,8 @@ fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
         whitened_grid: Some(spec),
         ..Default::default()
     };
-    let path =
-        std::env::temp_dir().join(format!("crate-mae-wg-{}.safetensors", std::process::id()));
+    let dir = scratch();
+    let path = dir.path().join("wg.safetensors");
     checkpoint::save_safetensors(&weights, &cfg, serving, &path)?;
     let (m, info) = checkpoint::load(&path, &LoadOptions::default(), &dev)?;
     assert_eq!(info.recommended_pooling, Some(Pooling::WhitenedGrid));
@@ -251,13 +257,10 @@ fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
         outputs: [1].into(),
         ..Keep::default()
     };
-    let tokens = m
-        .encode_keeping(&x, None, &keep)?
-        .outputs
-        .remove(&1)
-        .unwrap();
-    let got = m.pool(&tokens, Pooling::WhitenedGrid)?;
-    let want = crate_mae::readout::grid_pool(&tokens, 2)?
+    let outputs = m.encode_keeping(&x, None, &keep)?.outputs;
+    let tokens = &outputs[&1];
+    let got = m.whitened_embedding(&outputs)?;
+    let want = crate_mae::readout::grid_pool(tokens, 2)?
         .broadcast_sub(&mean)?
         .matmul(&projection)?;
     let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -265,7 +268,7 @@ fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
         err < 1e-4,
         "whitened grid differs from its definition by {err}"
     );
-    assert!(crate_mae::mae::pool(&tokens, Pooling::WhitenedGrid).is_err());
+    assert!(crate_mae::mae::pool(tokens, Pooling::WhitenedGrid).is_err());
 
     // Declared but missing: refused, naming the tensor.
     weights.remove(WhitenedGrid::PROJECTION);
@@ -274,16 +277,15 @@ fn a_whitened_grid_readout_travels_with_the_weights() -> Result<()> {
     assert!(err.to_string().contains(WhitenedGrid::PROJECTION), "{err}");
     // A model without one refuses the pooling with a message, never a panic.
     let (plain, _) = checkpoint::load(
-        &path_of_plain(&init::random_weights(&cfg, 3, &dev)?, &cfg)?,
+        &path_of_plain(dir.path(), &init::random_weights(&cfg, 3, &dev)?, &cfg)?,
         &LoadOptions::default(),
         &dev,
     )?;
-    let err = plain.pool(&tokens, Pooling::WhitenedGrid).unwrap_err();
+    let err = plain.whitened_embedding(&outputs).unwrap_err();
     assert!(
         err.to_string().contains("no whitened-grid readout"),
         "{err}"
     );
-    let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
@@ -297,8 +299,8 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     };
 
     // A good file round-trips with its configuration embedded.
-    let good =
-        std::env::temp_dir().join(format!("crate-mae-good-{}.safetensors", std::process::id()));
+    let dir = scratch();
+    let good = dir.path().join("good.safetensors");
     checkpoint::save_safetensors(&weights, &cfg, Default::default(), &good)?;
     let (m, info) = checkpoint::load(&good, &LoadOptions::default(), &Device::Cpu)?;
     assert_eq!(m.config(), &cfg);
@@ -320,7 +322,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     assert_eq!(info.recommended_pooling, Some(Pooling::Cls));
     assert_eq!(info.small_image_fit, Some(checkpoint::SmallImageFit::Pad));
     let (_, plain) = checkpoint::load(
-        &path_of_plain(&weights, &cfg)?,
+        &path_of_plain(dir.path(), &weights, &cfg)?,
         &LoadOptions::default(),
         &Device::Cpu,
     )?;
@@ -332,10 +334,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // Missing tensor.
     let mut missing = weights.clone();
     missing.remove("blocks.1.layers.0.1.fn.weight");
-    let path = std::env::temp_dir().join(format!(
-        "crate-mae-missing-{}.safetensors",
-        std::process::id()
-    ));
+    let path = dir.path().join("missing.safetensors");
     checkpoint::save_safetensors(&missing, &cfg, Default::default(), &path)?;
     match checkpoint::load(&path, &opts, &Device::Cpu) {
         Err(ModelError::MissingTensor { name, expected }) => {
@@ -404,7 +403,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
         ),
     ];
     for (name, bytes) in cases {
-        let path = write_temp(name, &bytes);
+        let path = write_temp(dir.path(), name, &bytes);
         match checkpoint::load(&path, &opts, &Device::Cpu) {
             Err(ModelError::Checkpoint { path: p, reason }) => {
                 assert_eq!(p, path, "{name}");
@@ -425,10 +424,7 @@ fn bad_checkpoints_give_errors_that_name_the_problem() -> Result<()> {
     // An unknown width without a head count cannot be guessed.
     let mut no_cfg = weights.clone();
     no_cfg.remove("nothing");
-    let raw_path = std::env::temp_dir().join(format!(
-        "crate-mae-nocfg-{}.safetensors",
-        std::process::id()
-    ));
+    let raw_path = dir.path().join("nocfg.safetensors");
     let tensors: Vec<(String, Tensor)> = no_cfg.into_iter().collect();
     safetensors::serialize_to_file(
         tensors.iter().map(|(k, t)| (k.as_str(), t)),
@@ -475,13 +471,11 @@ fn fused_cpu_blocks_equal_the_reference_blocks_layer_by_layer() -> Result<()> {
 }
 
 fn path_of_plain(
+    dir: &std::path::Path,
     weights: &std::collections::HashMap<String, Tensor>,
     cfg: &CrateMaeConfig,
 ) -> Result<std::path::PathBuf> {
-    let path = std::env::temp_dir().join(format!(
-        "crate-mae-plain-{}.safetensors",
-        std::process::id()
-    ));
+    let path = dir.join("plain.safetensors");
     checkpoint::save_safetensors(weights, cfg, Default::default(), &path)?;
     Ok(path)
 }

@@ -173,12 +173,11 @@ fn choose_precision(
             let pooled = match m.whitened_grid() {
                 Some(w) => {
                     let keep = crate_mae::Keep {
-                        outputs: [w.spec.layer].into(),
+                        outputs: w.spec.layers().collect(),
                         ..Default::default()
                     };
-                    let mut encoded = m.encode_keeping(&images, None, &keep).map_err(err)?;
-                    let tokens = encoded.outputs.remove(&w.spec.layer).expect("kept");
-                    m.pool(&tokens, Pooling::WhitenedGrid)
+                    let encoded = m.encode_keeping(&images, None, &keep).map_err(err)?;
+                    m.whitened_embedding(&encoded.outputs)
                 }
                 None => m
                     .embed_tokens(&images)

@@ -209,12 +209,13 @@ mod tests {
     #[test]
     fn short_or_doubly_given_tokens_are_refused() {
         assert!(load_token(Some(&Secret::new("short")), None).is_err());
-        let dir = std::env::temp_dir().join(format!("crate-mae-token-{}", std::process::id()));
-        std::fs::write(&dir, "from-a-file-0123456789\n").unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_path_buf();
+        std::fs::write(&path, "from-a-file-0123456789\n").unwrap();
         assert_eq!(
-            load_token(None, Some(&dir)).unwrap().unwrap().expose(),
+            load_token(None, Some(&path)).unwrap().unwrap().expose(),
             "from-a-file-0123456789"
         );
-        assert!(load_token(Some(&Secret::new("x".repeat(20))), Some(&dir)).is_err());
+        assert!(load_token(Some(&Secret::new("x".repeat(20))), Some(&path)).is_err());
     }
 }

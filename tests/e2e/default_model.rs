@@ -210,7 +210,7 @@ async fn the_default_embedding_is_the_whitened_grid_the_weights_ship() {
         .expect("the built-in weights ship a whitened grid");
     assert_eq!(info.embedding_dim, grid.dim);
     assert!(
-        grid.layer < info.depth && grid.grid > 1 && grid.dim > 0,
+        grid.first_layer <= grid.layer && grid.layer < info.depth && grid.grid > 1 && grid.dim > 0,
         "{grid:?}"
     );
     let images: Vec<_> = fashion_mnist_fixtures()
@@ -248,7 +248,10 @@ async fn the_default_embedding_is_the_whitened_grid_the_weights_ship() {
         .await
         .unwrap()
         .into_inner();
-    assert!(max_abs_diff(&asked.embeddings[0].values, &e[0].values) <= 1e-5);
+    // Alone or in a batch, the same image: equal to float rounding (products of another
+    // batch size sum in another order; whitened values are of order 1).
+    let diff = max_abs_diff(&asked.embeddings[0].values, &e[0].values);
+    assert!(diff <= 1e-4, "asked by name vs unasked: {diff}");
     let mean = client
         .embed(EmbedRequest {
             pooling: pb::Pooling::Mean as i32,
@@ -283,15 +286,14 @@ async fn the_default_embedding_is_the_whitened_grid_the_weights_ship() {
             ..embed_request(images[..1].to_vec())
         })
         .await
-        .expect_err("the whitened grid reads one layer only");
+        .expect_err("the whitened grid reads its own layers only");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status
-            .message()
-            .contains(&format!("reads layer {}", grid.layer)),
-        "{}",
-        status.message()
-    );
+    let reads = if grid.first_layer == grid.layer {
+        format!("reads layer {}", grid.layer)
+    } else {
+        format!("reads layers {} to {}", grid.first_layer, grid.layer)
+    };
+    assert!(status.message().contains(&reads), "{}", status.message());
 }
 
 /// The built-in model's evaluation (`eval.json`, written by `crate-mae-train eval --export`
@@ -308,12 +310,14 @@ async fn readme_and_model_info_report_the_shipped_evaluation() {
     let readout = default["readout"].as_str().unwrap();
     let (_server, _client, info) = built_in().await;
     let grid = info.whitened_grid.expect("a whitened grid");
+    let source = if grid.first_layer == grid.layer {
+        format!("layer{}", grid.layer)
+    } else {
+        format!("layers{}-{}", grid.first_layer, grid.layer)
+    };
     assert_eq!(
         readout,
-        format!(
-            "layer{}.whitened-grid{}-{}",
-            grid.layer, grid.grid, grid.dim
-        ),
+        format!("{source}.whitened-grid{}-{}", grid.grid, grid.dim),
         "eval.json's default readout is not what the server serves"
     );
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();

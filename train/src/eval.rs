@@ -23,6 +23,27 @@ impl Features {
 }
 
 impl Features {
+    /// Feature sets of the same rows side by side (row i: each part's row i in order).
+    pub fn concat(parts: &[&Features]) -> Features {
+        let rows = parts.first().map_or(0, |p| p.rows());
+        assert!(
+            parts.iter().all(|p| p.rows() == rows),
+            "parts of unequal rows"
+        );
+        let values = (0..rows)
+            .flat_map(|r| {
+                parts
+                    .iter()
+                    .flat_map(move |p| &p.values[r * p.dim..(r + 1) * p.dim])
+            })
+            .copied()
+            .collect();
+        Features {
+            values,
+            dim: parts.iter().map(|p| p.dim).sum(),
+        }
+    }
+
     /// Rows `range` as their own feature set.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Features {
         Features {
@@ -348,7 +369,7 @@ pub fn ridge_probe(
 }
 
 /// L2 penalties the softmax probe tries, strongest first (each fit starts from the last).
-const SOFTMAX_PENALTIES: [f64; 5] = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4];
+const SOFTMAX_PENALTIES: [f64; 8] = [1e-1, 3e-2, 1e-2, 5e-3, 3e-3, 1e-3, 3e-4, 1e-4];
 
 /// Mean cross-entropy of a linear classifier plus `penalty / 2 · ‖W‖²` (the bias row is not
 /// penalised), with its gradient; parameters are `W` `[d + 1, 10]` row-major, as L-BFGS
@@ -503,6 +524,13 @@ pub fn softmax_validation(train: &Features, labels: &[u8], fit: usize) -> Result
                 break;
             }
         }
+    }
+    if best.1 == SOFTMAX_PENALTIES[0] {
+        // The optimum may lie beyond the grid: say so rather than report it as found.
+        eprintln!(
+            "warning: the strongest L2 penalty tried ({}) did best on validation",
+            best.1
+        );
     }
     Ok(best)
 }

@@ -258,25 +258,22 @@ fn eval(args: EvalArgs) -> Result<()> {
             probe_validation(&r.name, &r.features)?;
         }
     }
-    // Whitened grids of each block's output, at a few widths.
+    // Whitened grids of each block's output, and of neighbouring blocks' outputs
+    // concatenated, at a few widths.
     let mut whitened = Vec::new();
-    for (l, r) in train_readouts.iter().enumerate().filter_map(|(i, r)| {
-        r.name
-            .strip_prefix("layer")
-            .and_then(|rest| rest.strip_suffix(&format!(".grid{WHITENED_GRID}")))
-            .and_then(|l| l.parse::<usize>().ok())
-            .map(|l| (l, &train_readouts[i]))
-    }) {
-        let pca = eval::Pca::fit(&r.features, 0..fit_rows)?;
-        for k in WHITENED_WIDTHS {
+    for (spec, widths) in whitening_candidates(cfg.depth) {
+        let pooled = grid_features(&train_readouts, spec)?;
+        let pca = eval::Pca::fit(&pooled, 0..fit_rows)?;
+        for &k in widths {
             let (mean, projection) = pca.whitening(k);
-            let features = eval::whiten(&r.features, &mean, &projection)?;
+            let features = eval::whiten(&pooled, &mean, &projection)?;
             let acc = validation_knn20(&features)?;
-            let name = whitened_name(l, k);
+            let candidate = Whitening { spec, k };
+            let name = candidate.name();
             println!("validation 20-NN {name:>24}: {:.2} %", acc * 100.0);
             probe_validation(&name, &features)?;
             validation.insert(name, json!(acc));
-            whitened.push((l, k));
+            whitened.push(candidate);
         }
     }
     let accuracy = |name: &str| {
@@ -303,33 +300,25 @@ fn eval(args: EvalArgs) -> Result<()> {
     );
     // The served whitening is refitted on every training image.
     let whitening = match served {
-        ServedReadout::Whitened { layer, k } => {
-            let i = readout_index(
-                &train_readouts,
-                &format!("layer{layer}.grid{WHITENED_GRID}"),
-            )?;
-            Some(eval::Pca::fit(&train_readouts[i].features, 0..n)?.whitening(k))
+        ServedReadout::Whitened(w) => {
+            Some(eval::Pca::fit(&grid_features(&train_readouts, w.spec)?, 0..n)?.whitening(w.k))
         }
         ServedReadout::Pooled(_) => None,
     };
     // Each probe row's features: a readout as it is, or whitened.
     let features = |name: &str| -> Result<(eval::Features, eval::Features)> {
-        if let Some((layer, k)) = whitened.iter().find(|(l, k)| whitened_name(*l, *k) == name) {
-            let i = readout_index(
-                &train_readouts,
-                &format!("layer{layer}.grid{WHITENED_GRID}"),
-            )?;
+        if let Some(w) = whitened.iter().find(|w| w.name() == name) {
+            let (tr, te) = (
+                grid_features(&train_readouts, w.spec)?,
+                grid_features(&test_readouts, w.spec)?,
+            );
             let (mean, projection) = match (&whitening, served) {
-                (Some(w), ServedReadout::Whitened { layer: sl, k: sk })
-                    if sl == *layer && sk == *k =>
-                {
-                    w.clone()
-                }
-                _ => eval::Pca::fit(&train_readouts[i].features, 0..n)?.whitening(*k),
+                (Some(fitted), ServedReadout::Whitened(s)) if s == *w => fitted.clone(),
+                _ => eval::Pca::fit(&tr, 0..n)?.whitening(w.k),
             };
             return Ok((
-                eval::whiten(&train_readouts[i].features, &mean, &projection)?,
-                eval::whiten(&test_readouts[i].features, &mean, &projection)?,
+                eval::whiten(&tr, &mean, &projection)?,
+                eval::whiten(&te, &mean, &projection)?,
             ));
         }
         let i = readout_index(&train_readouts, name)?;
@@ -385,8 +374,8 @@ fn eval(args: EvalArgs) -> Result<()> {
         probe("raw_pixels", None, &tr, &te)?;
         // The same whitening applied to pixels: how much of the default readout's gain is
         // the whitening itself rather than the encoder.
-        if let ServedReadout::Whitened { k, .. } = served {
-            let (mean, projection) = eval::Pca::fit(&tr, 0..n)?.whitening(k);
+        if let ServedReadout::Whitened(w) = served {
+            let (mean, projection) = eval::Pca::fit(&tr, 0..n)?.whitening(w.k);
             let (tr, te) = (
                 eval::whiten(&tr, &mean, &projection)?,
                 eval::whiten(&te, &mean, &projection)?,
@@ -436,24 +425,18 @@ fn eval(args: EvalArgs) -> Result<()> {
             small_image_fit: Some(checkpoint::SmallImageFit::Pad),
             whitened_grid: None,
         };
-        if let (ServedReadout::Whitened { layer, k }, Some((mean, projection))) =
-            (served, &whitening)
-        {
-            let spec = WhitenedGridSpec {
-                layer,
-                grid: WHITENED_GRID,
-            };
+        if let (ServedReadout::Whitened(w), Some((mean, projection))) = (served, &whitening) {
             let d = mean.len();
             // Built as the server will build it: the shapes are checked before they are saved.
             let readout = WhitenedGrid::new(
-                spec,
+                w.spec,
                 Tensor::from_slice(mean, d, &device)?,
-                Tensor::from_slice(projection, (d, k), &device)?,
+                Tensor::from_slice(projection, (d, w.k), &device)?,
                 cfg.dim,
                 cfg.depth,
             )?;
             tensors.extend(readout.tensors());
-            serving.whitened_grid = Some(spec);
+            serving.whitened_grid = Some(w.spec);
         }
         checkpoint::save_safetensors(&tensors, &cfg, serving, out)?;
         println!(
@@ -467,14 +450,41 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 /// Regions per side of the whitened grid readouts.
 const WHITENED_GRID: usize = 4;
-/// Whitening widths tried on validation (at most 1,024: the projection ships in the
-/// binary, 2,048 × 1,024 f32 is 8 MiB).
+/// Whitening widths tried on validation for one block's grid (2,048 values): at most 1,024,
+/// an 8 MiB projection.
 const WHITENED_WIDTHS: [usize; 3] = [384, 768, 1024];
+/// Widths for two neighbouring blocks' grids concatenated (4,096 values): at most 2,048, a
+/// 32 MiB projection, the most the binary carries.
+const PAIR_WIDTHS: [usize; 2] = [1024, 2048];
 /// The pooled tokens `Embed` can serve unasked, simplest first.
 const SERVED_POOLED: [Pooling; 2] = [Pooling::Mean, Pooling::Cls];
 
-fn whitened_name(layer: usize, k: usize) -> String {
-    format!("layer{layer}.whitened-grid{WHITENED_GRID}-{k}")
+/// The whitened grids tried: each block alone, and each pair of neighbouring blocks.
+fn whitening_candidates(depth: usize) -> Vec<(WhitenedGridSpec, &'static [usize])> {
+    let single = (0..depth).map(|l| {
+        (
+            WhitenedGridSpec::of_layer(l, WHITENED_GRID),
+            &WHITENED_WIDTHS[..],
+        )
+    });
+    let pairs = (1..depth).map(|l| {
+        let spec = WhitenedGridSpec {
+            first_layer: Some(l - 1),
+            ..WhitenedGridSpec::of_layer(l, WHITENED_GRID)
+        };
+        (spec, &PAIR_WIDTHS[..])
+    });
+    single.chain(pairs).collect()
+}
+
+/// The grid features a whitened grid reads: its blocks' `grid{g}` readouts side by side.
+fn grid_features(readouts: &[eval::Readout], spec: WhitenedGridSpec) -> Result<eval::Features> {
+    let parts = spec
+        .layers()
+        .map(|l| readout_index(readouts, &format!("layer{l}.grid{}", spec.grid)))
+        .collect::<Result<Vec<_>>>()?;
+    let parts: Vec<&eval::Features> = parts.iter().map(|&i| &readouts[i].features).collect();
+    Ok(eval::Features::concat(&parts))
 }
 
 fn readout_index(readouts: &[eval::Readout], name: &str) -> Result<usize> {
@@ -484,21 +494,40 @@ fn readout_index(readouts: &[eval::Readout], name: &str) -> Result<usize> {
         .with_context(|| format!("no readout {name}"))
 }
 
+/// A whitened grid readout at one width.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Whitening {
+    spec: WhitenedGridSpec,
+    k: usize,
+}
+
+impl Whitening {
+    /// `layer{l}.whitened-grid{g}-{k}` for one block, `layers{a}-{b}.…` for several.
+    fn name(&self) -> String {
+        let layers = self.spec.layers();
+        let source = if layers.start() == layers.end() {
+            format!("layer{}", self.spec.layer)
+        } else {
+            format!("layers{}-{}", layers.start(), layers.end())
+        };
+        format!("{source}.whitened-grid{}-{}", self.spec.grid, self.k)
+    }
+}
+
 /// What a request that names no pooling gets: the final cls or mean token, or a whitened
 /// grid the weights carry, whichever did best on validation (ties keep the simpler one).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ServedReadout {
     Pooled(Pooling),
-    Whitened { layer: usize, k: usize },
+    Whitened(Whitening),
 }
 
 impl ServedReadout {
-    fn choose(whitened: &[(usize, usize)], accuracy: impl Fn(&str) -> f64) -> Self {
-        let candidates = SERVED_POOLED.map(Self::Pooled).into_iter().chain(
-            whitened
-                .iter()
-                .map(|&(layer, k)| Self::Whitened { layer, k }),
-        );
+    fn choose(whitened: &[Whitening], accuracy: impl Fn(&str) -> f64) -> Self {
+        let candidates = SERVED_POOLED
+            .map(Self::Pooled)
+            .into_iter()
+            .chain(whitened.iter().map(|&w| Self::Whitened(w)));
         candidates
             .fold(None, |best: Option<(Self, f64)>, c| {
                 let acc = accuracy(&c.name());
@@ -513,14 +542,14 @@ impl ServedReadout {
     fn name(self) -> String {
         match self {
             Self::Pooled(p) => format!("final.{}", p.name()),
-            Self::Whitened { layer, k } => whitened_name(layer, k),
+            Self::Whitened(w) => w.name(),
         }
     }
 
     fn pooling(self) -> Pooling {
         match self {
             Self::Pooled(p) => p,
-            Self::Whitened { .. } => Pooling::WhitenedGrid,
+            Self::Whitened(_) => Pooling::WhitenedGrid,
         }
     }
 }
@@ -600,7 +629,7 @@ fn write_card(dir: &Path, results: &serde_json::Value, notes: &str) -> Result<()
             );
         }
     }
-    md += "\n`default` is what `Embed` returns when a request names no pooling: the best on validation (the mean of 20-NN and linear-probe accuracy, on images carved from train; the test split chose nothing) of the final cls token, the final mean, and the whitened grids. `final.*` pools the encoder's output after its final norm; `layerN.*` pools block N's output (`Embed` with `layer = N`); `gridK` averages the patch tokens over K×K regions; `layerN.whitened-gridK-W` is that grid centred and PCA-whitened to W values by a projection fitted on the training images without labels, shipped in the weights (`Pooling` `whitened-grid`). `whitened pixels` applies the same whitening to raw pixels: the part of the gain that is the whitening's rather than the encoder's. The linear probe is MAE's and DINO's: a linear classifier trained with cross-entropy on standardised features (multinomial logistic regression, fitted to convergence by L-BFGS, L2 penalty chosen on validation); the ridge probe (least squares on one-hot labels) is kept for comparison with earlier cards.\n";
+    md += "\n`default` is what `Embed` returns when a request names no pooling: the best on validation (the mean of 20-NN and linear-probe accuracy, on images carved from train; the test split chose nothing) of the final cls token, the final mean, and the whitened grids. `final.*` pools the encoder's output after its final norm; `layerN.*` pools block N's output (`Embed` with `layer = N`); `gridK` averages the patch tokens over K×K regions; `layerN.whitened-gridK-W` is that grid centred and PCA-whitened to W values by a projection fitted on the training images without labels, shipped in the weights (`Pooling` `whitened-grid`); `layersA-B.whitened-gridK-W` whitens the grids of blocks A to B side by side. `whitened pixels` applies the same whitening to raw pixels: the part of the gain that is the whitening's rather than the encoder's. The linear probe is MAE's and DINO's: a linear classifier trained with cross-entropy on standardised features (multinomial logistic regression, fitted to convergence by L-BFGS, L2 penalty chosen on validation); the ridge probe (least squares on one-hot labels) is kept for comparison with earlier cards.\n";
     if let Some(pooling) = results["recommended_pooling"].as_str() {
         md += &format!("\nRecommended pooling (`eval --export` embeds it, and the whitening when it is one, in the weights): **{pooling}**.\n");
     }
@@ -662,13 +691,19 @@ mod tests {
     /// What `Embed` serves unasked, from validation 20-NN: a better intermediate pooled
     /// readout does not count (it needs `layer`); a whitened grid does (the weights carry it).
     fn choose(scores: &[(&str, f64)]) -> ServedReadout {
-        let whitened: Vec<(usize, usize)> = scores
-            .iter()
-            .filter_map(|(name, _)| {
-                let rest = name.strip_prefix("layer")?;
-                let (l, k) = rest.split_once(".whitened-grid4-")?;
-                Some((l.parse().ok()?, k.parse().ok()?))
+        let whitened: Vec<Whitening> = (0..4)
+            .flat_map(|l| [256, 384].map(|k| (l, k)))
+            .map(|(l, k)| Whitening {
+                spec: WhitenedGridSpec::of_layer(l, 4),
+                k,
             })
+            .chain([Whitening {
+                spec: WhitenedGridSpec {
+                    first_layer: Some(0),
+                    ..WhitenedGridSpec::of_layer(1, 4)
+                },
+                k: 2048,
+            }])
             .collect();
         ServedReadout::choose(&whitened, |name| {
             scores
@@ -699,11 +734,25 @@ mod tests {
         ];
         assert_eq!(
             choose(&whitened),
-            ServedReadout::Whitened { layer: 2, k: 256 },
+            ServedReadout::Whitened(Whitening {
+                spec: WhitenedGridSpec::of_layer(2, 4),
+                k: 256
+            }),
             "the narrower of two equal whitenings"
         );
         assert_eq!(choose(&whitened).pooling(), Pooling::WhitenedGrid);
         let no_gain = [("final.mean", 0.80), ("layer2.whitened-grid4-256", 0.80)];
         assert_eq!(choose(&no_gain), ServedReadout::Pooled(Pooling::Mean));
+        let pair = [
+            ("final.mean", 0.80),
+            ("layer1.whitened-grid4-384", 0.87),
+            ("layers0-1.whitened-grid4-2048", 0.88),
+        ];
+        let served = choose(&pair);
+        assert_eq!(served.name(), "layers0-1.whitened-grid4-2048");
+        match served {
+            ServedReadout::Whitened(w) => assert_eq!(w.spec.layers(), 0..=1),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use crate_mae::{CrateMae, Keep, Mask, Pooling};
+use crate_mae::{mae, CrateMae, Keep, Mask, Pooling};
 
 use crate::engine::backend::{Backend, EmbedOutputs, PixelBatch};
 use crate::engine::types::{
@@ -49,9 +49,12 @@ struct Pooled {
 }
 
 impl Pooled {
+    /// `tokens` is `source`'s output; the whitened grid reads the blocks it names from
+    /// `outputs`.
     fn of(
         model: &CrateMae,
         tokens: &Tensor,
+        outputs: &BTreeMap<usize, Tensor>,
         tasks: &[&EmbedTask],
         source: Option<usize>,
     ) -> Result<Self, ServeError> {
@@ -61,7 +64,10 @@ impl Pooled {
                 .iter()
                 .any(|t| t.pooled_from == source && t.pooling == p)
             {
-                let pooled = model.pool(tokens, p)?;
+                let pooled = match p {
+                    Pooling::WhitenedGrid => model.whitened_embedding(outputs)?,
+                    cls_or_mean => mae::pool(tokens, cls_or_mean)?,
+                };
                 by.push((p, pooled.dim(D::Minus1)?, host(&pooled)?));
             }
         }
@@ -91,11 +97,19 @@ impl Backend for CandleBackend {
     ) -> Result<EmbedOutputs, ServeError> {
         let input = self.input(pixels)?;
         let requested = tasks.iter().any(|t| t.diagnostics);
+        // The whitened grid may read several blocks: all of them are kept.
+        let whitened_layers: Vec<usize> = match self.model.whitened_grid() {
+            Some(w) if tasks.iter().any(|t| t.pooling == Pooling::WhitenedGrid) => {
+                w.spec.layers().collect()
+            }
+            _ => Vec::new(),
+        };
         let keep = Keep {
             outputs: tasks
                 .iter()
                 .flat_map(|t| [t.layer, t.pooled_from])
                 .flatten()
+                .chain(whitened_layers)
                 .collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
             diagnostics: requested,
@@ -124,9 +138,11 @@ impl Backend for CandleBackend {
         };
         let latent = encoded.latent.as_ref().expect("full encoder pass");
         let mut pooled = BTreeMap::new();
-        pooled.insert(None, Pooled::of(&self.model, latent, tasks, None)?);
-        for (&l, tokens) in &encoded.outputs {
-            pooled.insert(Some(l), Pooled::of(&self.model, tokens, tasks, Some(l))?);
+        let outputs = &encoded.outputs;
+        pooled.insert(None, Pooled::of(&self.model, latent, outputs, tasks, None)?);
+        for (&l, tokens) in outputs {
+            let of_l = Pooled::of(&self.model, tokens, outputs, tasks, Some(l))?;
+            pooled.insert(Some(l), of_l);
         }
         let ntok = self.facts.config.seq_len();
         let heads = self.facts.config.heads;

@@ -312,7 +312,7 @@ impl Engine {
         let pooling = req.pooling.unwrap_or(facts.recommended_pooling);
         let source = layer("layer", req.layer)?;
         let mut pooled_from = source;
-        // The whitened grid reads one block's output, whatever `layer` says of the rest.
+        // The whitened grid reads its own blocks' output, whatever `layer` says of the rest.
         if pooling == Pooling::WhitenedGrid {
             let Some(w) = facts.whitened_grid else {
                 return Err(ServeError::invalid(
@@ -320,9 +320,19 @@ impl Engine {
                 ));
             };
             if let Some(l) = source.filter(|&l| l != w.spec.layer) {
+                let layers = w.spec.layers();
+                let reads = if layers.start() == layers.end() {
+                    format!("reads layer {}'s output", w.spec.layer)
+                } else {
+                    format!(
+                        "reads layers {} to {}'s output",
+                        layers.start(),
+                        layers.end()
+                    )
+                };
                 return Err(ServeError::invalid(format!(
-                    "pooling whitened-grid reads layer {}'s output; leave `layer` unset (or send {}) to use it, or pick cls or mean pooling for layer {l}",
-                    w.spec.layer, w.spec.layer
+                    "pooling whitened-grid {reads}; leave `layer` unset (or send {}, its deepest) to use it, or pick cls or mean pooling for layer {l}",
+                    w.spec.layer
                 )));
             }
             pooled_from = Some(w.spec.layer);

@@ -227,6 +227,7 @@ pub fn model_info(info: &engine::ModelInfo) -> pb::ModelInfo {
             layer: w.spec.layer as u32,
             grid: w.spec.grid as u32,
             dim: w.dim as u32,
+            first_layer: *w.spec.layers().start() as u32,
         }),
     }
 }
