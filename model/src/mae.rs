@@ -34,8 +34,9 @@ pub enum Pooling {
     /// Mean of the patch tokens.
     Mean,
     /// The model's whitened grid readout ([`crate::readout::WhitenedGrid`]): one or a few
-    /// consecutive blocks' patch tokens averaged over a grid of regions, centred and PCA-whitened by a projection
-    /// fitted on the training images. Only for models whose weights carry one.
+    /// consecutive blocks' patch tokens averaged over a grid of regions, centred and
+    /// PCA-whitened by a projection fitted on the training images. Only for models whose
+    /// weights carry one.
     WhitenedGrid,
 }
 

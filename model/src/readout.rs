@@ -78,6 +78,16 @@ impl WhitenedGridSpec {
         self.first_layer.unwrap_or(self.layer)..=self.layer
     }
 
+    /// The blocks read, in words: "layer 1" or "layers 0 to 1" (for messages).
+    pub fn describe_layers(&self) -> String {
+        let layers = self.layers();
+        if layers.start() == layers.end() {
+            format!("layer {}", self.layer)
+        } else {
+            format!("layers {} to {}", layers.start(), layers.end())
+        }
+    }
+
     /// Pooled values before the projection: g²·d per block read.
     pub fn pooled_dim(&self, dim: usize) -> usize {
         self.layers().count() * self.grid * self.grid * dim
@@ -111,19 +121,17 @@ impl WhitenedGrid {
     ) -> Result<Self> {
         let pooled = spec.pooled_dim(dim);
         let bad = |why: String| Err(ModelError::Config(format!("whitened grid: {why}")));
-        let layers = spec.layers();
-        if spec.layer >= depth || layers.is_empty() {
+        if spec.layer >= depth || spec.layers().is_empty() {
             return bad(format!(
-                "reads layers {}..={} of a {depth}-layer encoder",
-                layers.start(),
-                layers.end()
+                "reads {} of a {depth}-layer encoder",
+                spec.describe_layers()
             ));
         }
         if mean.dims() != [pooled] {
             return bad(format!(
                 "mean is {:?}, expected [{pooled}] ({} blocks × {}×{} regions × {dim})",
                 mean.dims(),
-                layers.count(),
+                spec.layers().count(),
                 spec.grid,
                 spec.grid
             ));

@@ -98,18 +98,17 @@ impl Backend for CandleBackend {
         let input = self.input(pixels)?;
         let requested = tasks.iter().any(|t| t.diagnostics);
         // The whitened grid may read several blocks: all of them are kept.
-        let whitened_layers: Vec<usize> = match self.model.whitened_grid() {
-            Some(w) if tasks.iter().any(|t| t.pooling == Pooling::WhitenedGrid) => {
-                w.spec.layers().collect()
-            }
-            _ => Vec::new(),
-        };
+        let whitened_layers = self
+            .model
+            .whitened_grid()
+            .filter(|_| tasks.iter().any(|t| t.pooling == Pooling::WhitenedGrid))
+            .map(|w| w.spec.layers());
         let keep = Keep {
             outputs: tasks
                 .iter()
                 .flat_map(|t| [t.layer, t.pooled_from])
                 .flatten()
-                .chain(whitened_layers)
+                .chain(whitened_layers.into_iter().flatten())
                 .collect(),
             attention: tasks.iter().filter_map(|t| t.attention_layer).collect(),
             diagnostics: requested,

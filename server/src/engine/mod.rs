@@ -320,18 +320,9 @@ impl Engine {
                 ));
             };
             if let Some(l) = source.filter(|&l| l != w.spec.layer) {
-                let layers = w.spec.layers();
-                let reads = if layers.start() == layers.end() {
-                    format!("reads layer {}'s output", w.spec.layer)
-                } else {
-                    format!(
-                        "reads layers {} to {}'s output",
-                        layers.start(),
-                        layers.end()
-                    )
-                };
                 return Err(ServeError::invalid(format!(
-                    "pooling whitened-grid {reads}; leave `layer` unset (or send {}, its deepest) to use it, or pick cls or mean pooling for layer {l}",
+                    "pooling whitened-grid reads {}'s output; leave `layer` unset (or send {}, its deepest) to use it, or pick cls or mean pooling for layer {l}",
+                    w.spec.describe_layers(),
                     w.spec.layer
                 )));
             }
