@@ -1,34 +1,60 @@
 #!/usr/bin/env bash
-# The served cost of the built-in model against the built-in model of an earlier commit, on the
-# same binary (BENCHMARKS.md, "The built-in model's two-block readout"): gRPC Embed, one
-# Fashion-MNIST fixture per request, at concurrency 1 and 8, the two interleaved, ROUNDS rounds.
+# The served cost of the built-in model against a baseline from an earlier commit (BENCHMARKS.md):
+# gRPC Embed, one Fashion-MNIST fixture per request, at each concurrency in CONCURRENCY, the two
+# interleaved, ROUNDS rounds.
 #
-#   bench/builtin_cost.sh a5cf67b        # the commit whose asset is the baseline
+#   bench/builtin_cost.sh a5cf67b            # that commit's asset, on this tree's binary
+#   bench/builtin_cost.sh --binary 5a338c3   # that commit's server (built in a git worktree
+#                                            # under target/), serving this tree's asset
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-base=${1:?usage: bench/builtin_cost.sh COMMIT}
+mode=asset
+if [ "${1:-}" = --binary ]; then
+  mode=binary
+  shift
+fi
+base=${1:?usage: bench/builtin_cost.sh [--binary] COMMIT}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-6}
+CONCURRENCY=${CONCURRENCY:-1 8}
 cargo build --release -q -p crate-mae-server --bin crate-mae-server --bin crate-mae-load --bin crate-mae-cli
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-git show "$base:server/assets/default-model/model.safetensors" >"$scratch/base.safetensors"
+asset=server/assets/default-model/model.safetensors
+if [ $mode = asset ]; then
+  git show "$base:$asset" >"$scratch/base.safetensors"
+  base_server=target/release/crate-mae-server
+  base_weights=(--weights "$scratch/base.safetensors")
+else
+  # The baseline's own worktree and target folder: its crates must not overwrite this tree's.
+  tree=target/baseline-$base
+  [ -d "$tree/src" ] || git worktree add --force --detach "$tree/src" "$base" >/dev/null
+  CARGO_TARGET_DIR=$PWD/$tree/target cargo build --release -q \
+    --manifest-path "$tree/src/Cargo.toml" -p crate-mae-server --bin crate-mae-server
+  base_server=$tree/target/release/crate-mae-server
+  base_weights=(--weights "$asset")
+fi
 images=()
 for f in $(ls tests/fixtures/fashion-mnist/*.png | head -10); do images+=(--image "$f"); done
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F); baseline: $mode of $base"
 for round in $(seq "$ROUNDS"); do
-  for which in base built-in; do
-    weights=()
-    [ "$which" = base ] && weights=(--weights "$scratch/base.safetensors")
-    target/release/crate-mae-server --grpc-addr 127.0.0.1:50071 --http-addr off \
+  for which in base HEAD; do
+    if [ "$which" = base ]; then
+      server=$base_server
+      weights=("${base_weights[@]}")
+    else
+      server=target/release/crate-mae-server
+      weights=()
+    fi
+    "$server" --grpc-addr 127.0.0.1:50071 --http-addr off \
       --metrics-addr 127.0.0.1:9171 --log warn "${weights[@]}" &
     pid=$!
     wait_serving http://127.0.0.1:50071 $pid
-    for c in 1 8; do
+    for c in $CONCURRENCY; do
       result=$(target/release/crate-mae-load --addr http://127.0.0.1:50071 "${images[@]}" \
         --concurrency "$c" -n 0 --duration "$DURATION" | grep -E "Images/sec|50 % in" | xargs)
-      echo "round $round, $which ($( [ "$which" = base ] && echo "$base" || echo HEAD)), c=$c: $result"
+      echo "round $round, $which ($( [ "$which" = base ] && echo "$mode of $base" || echo "this tree")), c=$c: $result"
     done
     kill -TERM $pid
     wait $pid 2>/dev/null || true

@@ -10,6 +10,11 @@ ONNX Runtime runs that model exported with torch.onnx.export (opset 17, dynamic 
 cached per configuration in --onnx-dir and checked against PyTorch fp32 (max abs diff <= 1e-4)
 once per configuration before any timing.
 
+`served` is the server's built-in model itself (pytorch_reference.load_served: its weights and
+its default readout, the whitened grid of early blocks), timed on the default embedding, what
+`Embed` returns when a request names no pooling; with --check-against (the Rust bench's JSON)
+PyTorch's embedding of the fixed check image must equal the one crate-mae recorded.
+
 Timing, per (config, batch, engine): warm-up, then calls until at least --seconds have passed
 and at least 3 calls were made. ms_per_batch is the median call; images_per_s = batch divided
 by that median. Engines alternate per batch so that machine noise hits all of them.
@@ -19,6 +24,7 @@ Run by bench/peers.sh (which also runs the Rust side and merges the reports), or
       --threads 2 --seconds 3 --json target/peers/python.json
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -104,16 +110,39 @@ def ort_session(path, threads):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def max_diff(got, want):
+    """Max abs difference, relative to the reference's largest magnitude where that is over 1
+    (a whitened embedding of a random image runs to hundreds; f32 rounding scales with it)."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
 def check_ort(encoder, config, sess):
-    """Max abs diff ORT vs PyTorch fp32 at a batch other than the export's (3)."""
+    """Max diff ORT vs PyTorch fp32 at a batch other than the export's (3)."""
     img_size = ref.CONFIGS[config][0]
     x = torch.randn(3, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = encoder(x).numpy()
-    got = sess.run(None, {"imgs": x.numpy()})[0]
-    if got.shape != want.shape:
-        return float("inf")
-    return float(np.abs(got - want).max())
+    return max_diff(sess.run(None, {"imgs": x.numpy()})[0], want)
+
+
+def check_rust(encoder, config, rust_json):
+    """PyTorch's embedding of the fixed check image against crate-mae's (--check-against)."""
+    records = [r for r in json.loads(Path(rust_json).read_text())
+               if r.get("config") == config and r.get("engine") == "crate-mae"
+               and r.get("check_embedding")]
+    if not records:
+        raise SystemExit(f"{rust_json}: no crate-mae {config} record with check_embedding")
+    with torch.inference_mode():
+        want = encoder(ref.check_image(ref.CONFIGS[config][0])).flatten().numpy()
+    diff = max_diff(np.array(records[0]["check_embedding"], dtype=np.float32), want)
+    print(f"  [{config}] crate-mae vs PyTorch fp32, default embedding of the check image: "
+          f"max diff {diff:.2e} ({'OK' if diff <= TOLERANCE else 'FAIL'}, tolerance {TOLERANCE:g})",
+          flush=True)
+    if diff > TOLERANCE:
+        raise SystemExit(f"{config}: crate-mae's embedding differs from PyTorch's by {diff:.2e}")
 
 
 def onnx_for(encoder, config, onnx_dir, threads):
@@ -122,6 +151,8 @@ def onnx_for(encoder, config, onnx_dir, threads):
     meta_path = path.with_suffix(".json")
     meta = {"config": config, "shape": ref.CONFIGS[config], "seed": SEED, "opset": OPSET,
             "torch": torch.__version__}
+    if config == "served":  # a new asset is a new model
+        meta["weights_sha256"] = hashlib.sha256(ref.SERVED_WEIGHTS.read_bytes()).hexdigest()
     fresh = False
     if not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta):
         t0 = time.perf_counter()
@@ -165,7 +196,12 @@ def run(args):
     for config in args.configs.split(","):
         if config not in ref.CONFIGS:
             raise SystemExit(f"unknown config {config!r} (expected {', '.join(ref.CONFIGS)})")
-        encoder = Encoder(ref.build_model(config, SEED)).eval()
+        if config == "served":
+            encoder = ref.load_served()
+            if args.check_against:
+                check_rust(encoder, config, args.check_against)
+        else:
+            encoder = Encoder(ref.build_model(config, SEED)).eval()
         img_size = ref.CONFIGS[config][0]
         sess = onnx_for(encoder, config, args.onnx_dir, args.threads) if "ort-fp32" in engines else None
         if "torch-bf16" in engines:
@@ -239,6 +275,8 @@ def main():
     p.add_argument("--complete", action=argparse.BooleanOptionalAction, default=True,
                    help="also time PyTorch's completion path (encoder on a masked image + decoder)")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--check-against", metavar="RUST_JSON",
+                   help="the Rust bench's JSON: served's embedding of the check image must match")
     args = p.parse_args()
     rows = run(args)
     if args.json:

@@ -4,15 +4,17 @@
 # count, in ONE run, interleaved per configuration so that machine noise hits every engine.
 # The peers run the project's own PyTorch reference (bench/pytorch_reference.py, checked
 # against the golden vectors); ONNX Runtime runs that model exported with torch.onnx.export
-# (opset 17, dynamic batch axis). Encoder only: the embedding path, no mask, latent after the
-# final norm. Random weights. Then (SKIP_SERVING=1 skips it) the built-in model served through
-# gRPC against its own in-process figure.
+# (opset 17, dynamic batch axis). The embedding path, no mask: for `served`, the built-in model
+# itself (its weights) on its default embedding (early blocks, then the whitened grid readout:
+# what `Embed` returns), the engines checked to agree on a fixed image; for the other configs
+# the whole encoder (latent after the final norm) on random weights. Then (SKIP_SERVING=1 skips
+# it) the built-in model served through gRPC against its own in-process figure.
 #
 #   bench/peers.sh                                   # everything, THREADS=2
-#   CONFIGS=builtin,tiny BATCHES=1,8 SECONDS_PER=1 SKIP_SERVING=1 bench/peers.sh
+#   CONFIGS=served,builtin BATCHES=1,8 SECONDS_PER=1 SKIP_SERVING=1 bench/peers.sh
 #   SETUP_ONLY=1 bench/peers.sh                      # only create the Python venv
 #
-# Environment: CONFIGS (builtin,tiny,base), BATCHES (1,8,32), THREADS (2), SECONDS_PER (3,
+# Environment: CONFIGS (served,builtin,tiny,base), BATCHES (1,8,32), THREADS (2), SECONDS_PER (3,
 # minimum measuring time per cell and engine), ENGINES (torch-fp32,torch-bf16,ort-fp32),
 # DURATION (20, seconds per serving run), SKIP_SERVING, SKIP_COMPLETE (only the embedding path;
 # otherwise Complete, encoder on a 75 %-masked image + decoder, is timed beside PyTorch's too),
@@ -25,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-CONFIGS=${CONFIGS:-builtin,tiny,base}
+CONFIGS=${CONFIGS:-served,builtin,tiny,base}
 BATCHES=${BATCHES:-1,8,32}
 THREADS=${THREADS:-2}
 SECONDS_PER=${SECONDS_PER:-3}
@@ -91,7 +93,7 @@ for config in ${CONFIGS//,/ }; do
   # OMP/MKL variables too, so that no library sizes a pool from nproc behind set_num_threads.
   OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS "$PY" bench/peers.py --configs "$config" \
     --batches "$BATCHES" --threads "$THREADS" --seconds "$SECONDS_PER" --engines "$ENGINES" \
-    --onnx-dir "$OUT/onnx" ${SKIP_COMPLETE:+--no-complete} --json "$py_json"
+    --onnx-dir "$OUT/onnx" ${SKIP_COMPLETE:+--no-complete} --json "$py_json" --check-against "$rust_json"
   jsons+=("$py_json")
 done
 
@@ -120,8 +122,8 @@ kill -TERM $server_pid
 wait $server_pid || true
 trap - EXIT
 # The in-process figure from the same (later) minutes of the machine, same thread count.
-inproc_json=$OUT/crate-mae-builtin-serving-$stamp.json
-RAYON_NUM_THREADS=$THREADS target/release/examples/bench --sizes builtin --batches 8,32 \
+inproc_json=$OUT/crate-mae-served-serving-$stamp.json
+RAYON_NUM_THREADS=$THREADS target/release/examples/bench --sizes served --batches 8,32 \
   --encoder-only --seconds "$SECONDS_PER" --threads "$THREADS" --json "$inproc_json" >/dev/null
 "$PY" bench/peers_report.py --serving "$OUT/serving.json" --serving-c1 "$OUT/serving-c1.json" \
   --inproc "$inproc_json" | tee -a "$OUT/peers-$stamp.md"

@@ -8,7 +8,7 @@
       the files have completion figures, the same for Complete against PyTorch.
   python3 bench/peers_report.py --serving serving.json --serving-c1 serving-c1.json --inproc crate-mae.json
       The built-in model served through gRPC (crate-mae-load --json) against the in-process
-      crate-mae `builtin` figures at batch 8 and 32.
+      crate-mae `served` figures (the same model on the same default embedding) at batch 8 and 32.
 Standard library only.
 """
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 PEERS = [("torch-fp32", "torch fp32"), ("torch-bf16", "torch bf16"), ("ort-fp32", "ORT fp32")]
 OURS = "crate-mae"
 OURS_BF16 = "crate-mae-bf16"  # bf16 products (AVX512-BF16), compared with torch's bf16 autocast
-CONFIG_ORDER = ["builtin", "tiny", "small", "base", "large"]
+CONFIG_ORDER = ["served", "builtin", "tiny", "small", "base", "large"]
 
 
 def machine_line():
@@ -137,7 +137,7 @@ def completion_table(records):
 def serving(args):
     served = json.loads(Path(args.serving).read_text())
     inproc = {int(r["batch"]): float(r["images_per_s"]) for r in load([args.inproc])
-              if r["engine"] == OURS and r["config"] == "builtin"}
+              if r["engine"] == OURS and r["config"] == "served"}
     ok = served.get("ok_count", 0)
     total = served.get("count", 0)
     ips = served["images_per_sec"]
@@ -152,7 +152,7 @@ def serving(args):
            f"{p.get('p50', float('nan')):.2f} ms / {p.get('p99', float('nan')):.2f} ms |"]
     for b in (8, 32):
         if b in inproc:
-            out.append(f"| in-process crate-mae `builtin`, batch {b} | {inproc[b]:,.0f} img/s → "
+            out.append(f"| in-process crate-mae `served`, batch {b} | {inproc[b]:,.0f} img/s → "
                        f"served = **{100 * ips / inproc[b]:.0f} %** |")
     if args.serving_c1:
         c1 = json.loads(Path(args.serving_c1).read_text())

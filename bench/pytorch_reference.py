@@ -29,8 +29,10 @@ from torch.nn import functional as F
 SIZES = {"tiny": (384, 12, 6), "small": (576, 12, 12), "base": (768, 12, 12)}  # dim, depth, heads
 # Benchmark configurations by name: (img_size, patch, dim, depth, heads); lambda 0.5, eta 0.1.
 # `builtin` is the shape of the server's built-in Fashion-MNIST model.
-CONFIGS = {"builtin": (32, 4, 128, 4, 4),
+# `served` is that model itself: its trained weights and its default readout (load_served).
+CONFIGS = {"builtin": (32, 4, 128, 4, 4), "served": (32, 4, 128, 4, 4),
            **{name: (224, 16, *shape) for name, shape in SIZES.items()}}
+SERVED_WEIGHTS = Path(__file__).resolve().parent.parent / "server/assets/default-model/model.safetensors"
 
 
 class PreNorm(nn.Module):
@@ -118,15 +120,27 @@ class CrateMAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=final_eps)
         self.decoder_pred = nn.Linear(dim, patch * patch * 3)
 
-    def forward_encoder(self, imgs, mask=None):
-        """imgs [B,3,S,S]; mask bool [B,L] (True = masked) or None -> latent [B, 1+L, d]."""
+    def encoder_input(self, imgs, mask=None):
+        """imgs [B,3,S,S]; mask bool [B,L] (True = masked) or None -> tokens [B, 1+L, d]."""
         x = self.patch_embed(imgs)
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.decoder_pos_embed
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.decoder_pos_embed
+
+    def forward_encoder(self, imgs, mask=None):
+        """imgs [B,3,S,S]; mask bool [B,L] (True = masked) or None -> latent [B, 1+L, d]."""
+        x = self.encoder_input(imgs, mask)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def block_outputs(self, imgs, last):
+        """imgs -> [outputs of blocks 0..=last] (before the final norm), no mask."""
+        x, outs = self.encoder_input(imgs), []
+        for blk in self.blocks[:last + 1]:
+            x = blk(x)
+            outs.append(x)
+        return outs
 
     def forward_decoder(self, latent):
         """latent [B, 1+L, d] -> pred [B, L, p*p*3] (cls row dropped)."""
@@ -138,23 +152,70 @@ class CrateMAE(nn.Module):
 
 def build_model(config, seed=0):
     """A CrateMAE of a named configuration (CONFIGS) with seeded random weights, in eval mode."""
+    if config == "served":
+        raise ValueError("served is the built-in model's own weights: use load_served()")
     img_size, patch, dim, depth, heads = CONFIGS[config]
     torch.manual_seed(seed)
     return CrateMAE(img_size, patch, dim, depth, heads).eval()
 
 
-def read_safetensors(path):
+class DefaultEmbedding(nn.Module):
+    """The served model's default embedding (model/src/readout.rs): the patch tokens of blocks
+    first..=last, each averaged over a grid x grid of regions (row-major regions, d values
+    each), side by side, centred and projected: [B, k]."""
+
+    def __init__(self, model, first, last, grid, mean, projection):
+        super().__init__()
+        self.model, self.first, self.last, self.grid = model, first, last, grid
+        self.register_buffer("mean", mean)
+        self.register_buffer("projection", projection)
+
+    def forward(self, imgs):
+        grids = []
+        for tokens in self.model.block_outputs(imgs, self.last)[self.first:]:
+            b, n, d = tokens.shape
+            side, g = math.isqrt(n - 1), self.grid
+            cells = tokens[:, 1:].reshape(b, g, side // g, g, side // g, d).mean(dim=(2, 4))
+            grids.append(cells.reshape(b, g * g * d))
+        return (torch.cat(grids, dim=1) - self.mean) @ self.projection
+
+
+def load_served(path=SERVED_WEIGHTS):
+    """The built-in model as the server loads it: a CrateMAE with its weights, wrapped in its
+    default readout (the whitened grid its metadata names)."""
+    tensors, meta = read_safetensors(path, with_metadata=True)
+    cfg = json.loads(meta["crate_mae.config"])
+    spec = json.loads(meta["crate_mae.whitened_grid"])
+    model = CrateMAE(cfg["img_size"], cfg["patch_size"], cfg["dim"], cfg["depth"], cfg["heads"],
+                     cfg["lambd"], cfg["ista_step_size"], cfg["prenorm_ln_eps"], cfg["final_ln_eps"])
+    state = {k: v for k, v in tensors.items() if k != "pos_embed"
+             and not k.startswith(("decoder_embed.", "whitened_grid."))}
+    model.load_state_dict(state, strict=True)
+    readout = DefaultEmbedding(model.eval(), spec.get("first_layer", spec["layer"]), spec["layer"],
+                               spec["grid"], tensors["whitened_grid.mean"],
+                               tensors["whitened_grid.projection"])
+    return readout.eval()
+
+
+def check_image(img_size):
+    """The fixed image model/examples/bench.rs embeds too, built the same way: [1, 3, S, S]."""
+    i = np.arange(3 * img_size * img_size)
+    x = ((i * 37) % 101).astype(np.float32) / np.float32(101) - np.float32(0.5)
+    return torch.from_numpy(x.reshape(1, 3, img_size, img_size))
+
+
+def read_safetensors(path, with_metadata=False):
     dtypes = {"F32": "f4", "F64": "f8", "F16": "f2", "I64": "i8", "I32": "i4", "U8": "u1", "BOOL": "?"}
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header, buf = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
     out = {}
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     for name, meta in header.items():
         start, end = meta["data_offsets"]
         arr = np.frombuffer(buf[start:end], dtype="<" + dtypes[meta["dtype"]]).reshape(meta["shape"])
         out[name] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
-    return out
+    return (out, metadata) if with_metadata else out
 
 
 def check_golden(d):

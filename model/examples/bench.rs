@@ -7,6 +7,11 @@
 //! GFLOP/s counts the paper's FLOPs (three-matmul ISTA, 15.605 GFLOPs per Base image), so the
 //! figure compares directly with PyTorch's; the fused ISTA does fewer real FLOPs.
 //!
+//! `served` is the server's built-in model itself (its weights, `--served-weights`), timed on
+//! its default embedding: the encoder as far as its whitened grid reads, then the readout
+//! (what `Embed` runs when a request names no pooling). Its records carry that embedding of a
+//! fixed image (`check_embedding`), so that a peer can show it computes the same thing.
+//!
 //! `cargo run --release -p crate-mae --example bench -- --sizes builtin,tiny,base --batches 1,8,32`
 //! `... -- --device cuda --dtypes f32,bf16,f16 --batches 1,8,32,128 --json gpu.json` (cuda build)
 
@@ -18,11 +23,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use crate_mae::{checkpoint, device, init, CrateMaeConfig, Keep, Mask, ModelError, Precision};
+use crate_mae::{
+    checkpoint, device, init, CrateMae, CrateMaeConfig, Keep, LoadOptions, Mask, ModelError,
+    Precision,
+};
 
 #[derive(Parser)]
 struct Args {
-    /// builtin (the server's default model: d128, depth 4, 32 px, patch 4), tiny, small,
+    /// builtin (the server's default model's shape, random weights: d128, depth 4, 32 px,
+    /// patch 4), served (that model itself, timed on its default embedding), tiny, small,
     /// base, large.
     #[arg(long, value_delimiter = ',', default_value = "tiny,small,base")]
     sizes: Vec<String>,
@@ -44,6 +53,9 @@ struct Args {
     device: String,
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     dtypes: Vec<Precision>,
+    /// The weights of the `served` size (run from the repository root).
+    #[arg(long, default_value = "server/assets/default-model/model.safetensors")]
+    served_weights: std::path::PathBuf,
     /// Also write the figures as JSON records.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -65,6 +77,34 @@ fn config(name: &str) -> Result<CrateMaeConfig> {
         return Ok(CrateMaeConfig::built_in_shape());
     }
     Ok(CrateMaeConfig::preset(name)?)
+}
+
+/// The served model's default embedding `[B, k]`: blocks as far as its whitened grid reads
+/// (no further: the engine stops there too), then the readout.
+fn default_embedding(model: &CrateMae, x: &Tensor) -> Result<Tensor> {
+    let grid = model.whitened_grid().ok_or_else(|| {
+        anyhow::anyhow!("served: these weights carry no whitened grid (the default readout)")
+    })?;
+    let keep = Keep {
+        outputs: grid.spec.layers().collect(),
+        ..Keep::default()
+    };
+    let encoded = model.encode_through(x, &keep)?;
+    Ok(model.whitened_embedding(&encoded.outputs)?)
+}
+
+/// A fixed image both this bench and `bench/peers.py` build exactly (integer arithmetic, one
+/// f32 division): `[1, C, S, S]`, values in [-0.5, 0.5).
+fn check_image(cfg: &CrateMaeConfig, device: &Device) -> Result<Tensor> {
+    let n = cfg.in_chans * cfg.img_size * cfg.img_size;
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5)
+        .collect();
+    Ok(Tensor::from_vec(
+        values,
+        (1, cfg.in_chans, cfg.img_size, cfg.img_size),
+        device,
+    )?)
 }
 
 /// Times `f` call by call (at least 3 calls and `min`); returns the median call.
@@ -121,25 +161,44 @@ fn main() -> Result<()> {
     let threads = rayon::current_num_threads();
     let min = Duration::from_secs_f64(args.seconds);
     println!("threads: {threads}, device: {}", device::describe(&device));
-    println!("| size | dtype | batch | encoder img/s | ms per batch | encoder GFLOP/s (paper count) | completion img/s | diagnostics overhead |");
+    println!("| size | dtype | batch | embedding img/s | ms per batch | encoder GFLOP/s (paper count) | completion img/s | diagnostics overhead |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut records = Vec::new();
     for size in &args.sizes {
-        let cfg = config(size)?;
-        let weights = init::random_weights(&cfg, 0, &device)?;
-        let f32_model = checkpoint::model_from_tensors(weights, &cfg, &device)?;
+        let served = size == "served";
+        let (cfg, f32_model) = if served {
+            let (model, _) =
+                checkpoint::load(&args.served_weights, &LoadOptions::default(), &device)?;
+            (model.config().clone(), model)
+        } else {
+            let cfg = config(size)?;
+            let weights = init::random_weights(&cfg, 0, &device)?;
+            let model = checkpoint::model_from_tensors(weights, &cfg, &device)?;
+            (cfg, model)
+        };
         for &precision in &args.dtypes {
             precision.check_device(&device)?;
             let model = f32_model.with_precision(precision)?;
+            let check_embedding: Option<Vec<f32>> = if served {
+                let e = default_embedding(&model, &check_image(&cfg, &device)?)?;
+                Some(e.flatten_all()?.to_vec1()?)
+            } else {
+                None
+            };
             for &batch in &args.batches {
                 let x = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &device)?
                     .to_dtype(DType::F32)?;
                 let enc = median_call(&device, min, || {
-                    model.encode(&x, None)?;
+                    if served {
+                        default_embedding(&model, &x)?;
+                    } else {
+                        model.encode(&x, None)?;
+                    }
                     Ok(())
                 })?;
                 let ips = batch as f64 / enc.as_secs_f64();
-                let gflops = ips * cfg.encoder_flops_per_image() / 1e9;
+                // The paper's count is the whole encoder's; the served path is not that.
+                let gflops = (!served).then(|| ips * cfg.encoder_flops_per_image() / 1e9);
                 let completion = if args.encoder_only {
                     None
                 } else {
@@ -167,8 +226,9 @@ fn main() -> Result<()> {
                     "-".to_string()
                 };
                 println!(
-                    "| {size} | {precision} | {batch} | {ips:.1} | {:.2} | {gflops:.0} | {} | {diag} |",
+                    "| {size} | {precision} | {batch} | {ips:.1} | {:.2} | {} | {} | {diag} |",
                     enc.as_secs_f64() * 1e3,
+                    gflops.map_or("-".into(), |g| format!("{g:.0}")),
                     completion.map_or("-".into(), |c| format!("{c:.1}"))
                 );
                 records.push(serde_json::json!({
@@ -187,6 +247,7 @@ fn main() -> Result<()> {
                     "images_per_s": ips,
                     "ms_per_batch": enc.as_secs_f64() * 1e3,
                     "completion_images_per_s": completion,
+                    "check_embedding": check_embedding,
                 }));
             }
         }

@@ -370,14 +370,15 @@ impl CrateMae {
         images: &Tensor,
         mask: Option<&Mask>,
         layers: &[usize],
-    ) -> Option<Result<(Tensor, Vec<Tensor>)>> {
+        through: Option<usize>,
+    ) -> Option<Result<(Option<Tensor>, Vec<Tensor>)>> {
         let cpu = self.fast_path(images)?;
-        let run = || -> Result<(Tensor, Vec<Tensor>)> {
+        let run = || -> Result<(Option<Tensor>, Vec<Tensor>)> {
             self.check_images(images)?;
             if let Some(mask) = mask {
                 self.check_mask(mask, images.dim(0)?)?;
             }
-            cpu.encode(&images.to_dtype(DType::F32)?, mask, layers)
+            cpu.encode(&images.to_dtype(DType::F32)?, mask, layers, through)
         };
         Some(run())
     }
@@ -434,8 +435,8 @@ impl CrateMae {
     /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`), in the model's
     /// dtype. With `mask = None` this is the embedding path.
     pub fn encode(&self, images: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
-        if let Some(fast) = self.fast_encode(images, mask, &[]) {
-            return Ok(fast?.0);
+        if let Some(fast) = self.fast_encode(images, mask, &[], None) {
+            return Ok(fast?.0.expect("a whole pass has its latent"));
         }
         let (_, x) = self.encoder_input(images, mask)?;
         let x = self
@@ -474,10 +475,11 @@ impl CrateMae {
         // candle's traced blocks.
         if !keep.diagnostics && keep.attention.is_empty() {
             let layers: Vec<usize> = keep.outputs.iter().copied().collect();
-            if let Some(fast) = self.fast_encode(images, mask, &layers) {
+            let through = (last + 1 < self.cfg.depth).then_some(last);
+            if let Some(fast) = self.fast_encode(images, mask, &layers, through) {
                 let (latent, kept) = fast?;
                 return Ok(Encoded {
-                    latent: Some(latent),
+                    latent,
                     outputs: layers.into_iter().zip(kept).collect(),
                     attention: BTreeMap::new(),
                     diagnostics: None,

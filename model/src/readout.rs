@@ -9,10 +9,12 @@
 //! result is a compact k-value embedding whose cosine k-NN is what the model card measures.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::panels::PanelMatrix;
 use crate::error::{ModelError, Result};
 
 /// `[B, 1 + L, d]` tokens → `[B, g·g·d]`: the patch tokens averaged within each of g×g
@@ -102,7 +104,16 @@ pub struct WhitenedGrid {
     /// `[blocks·g²·d]`, the training images' mean pooled vector.
     mean: Tensor,
     /// `[blocks·g²·d, k]`: principal directions, each divided by the square root of its variance.
-    projection: Tensor,
+    projection: Projection,
+}
+
+/// Where the projection lives: on the CPU packed once for few-row products (a general GEMM
+/// repacks all of it on every call, which at a batch of 8 cost 3× reading it), elsewhere the
+/// device's tensor.
+#[derive(Debug, Clone)]
+enum Projection {
+    Packed(Arc<PanelMatrix>),
+    Tensor(Tensor),
 }
 
 impl WhitenedGrid {
@@ -140,16 +151,35 @@ impl WhitenedGrid {
             [rows, k] if *rows == pooled && *k > 0 => {}
             dims => return bad(format!("projection is {dims:?}, expected [{pooled}, k]")),
         }
+        let projection = projection.to_dtype(DType::F32)?;
+        let projection = if projection.device().is_cpu() {
+            let (rows, k) = projection.dims2()?;
+            let projection = projection.contiguous()?;
+            // Packed from the tensor's own storage: no third copy at load (it is 32 MiB).
+            let (storage, layout) = projection.storage_and_layout();
+            let packed = match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(data)), Some((from, to))) => {
+                    PanelMatrix::pack(&data[from..to], rows, k)
+                }
+                _ => return bad("the projection is not a contiguous f32 tensor".into()),
+            };
+            Projection::Packed(Arc::new(packed))
+        } else {
+            Projection::Tensor(projection)
+        };
         Ok(Self {
             spec,
             mean: mean.to_dtype(DType::F32)?,
-            projection: projection.to_dtype(DType::F32)?,
+            projection,
         })
     }
 
     /// Values per embedding (k).
     pub fn dim(&self) -> usize {
-        self.projection.dims()[1]
+        match &self.projection {
+            Projection::Packed(p) => p.cols(),
+            Projection::Tensor(t) => t.dims()[1],
+        }
     }
 
     /// Blocks' `[B, 1 + L, d]` output tokens (at least those of `spec.layers()`, as
@@ -165,16 +195,30 @@ impl WhitenedGrid {
                 grid_pool(&tokens.to_dtype(DType::F32)?, self.spec.grid)
             })
             .collect::<Result<Vec<_>>>()?;
-        let pooled = Tensor::cat(&grids, 1)?;
-        Ok(pooled.broadcast_sub(&self.mean)?.matmul(&self.projection)?)
+        let centred = Tensor::cat(&grids, 1)?.broadcast_sub(&self.mean)?;
+        match &self.projection {
+            Projection::Packed(p) => {
+                let b = centred.dim(0)?;
+                let rows: Vec<f32> = centred.flatten_all()?.to_vec1()?;
+                let out = p.left_multiply(&rows, b);
+                Ok(Tensor::from_vec(out, (b, p.cols()), &Device::Cpu)?)
+            }
+            Projection::Tensor(t) => Ok(centred.matmul(t)?),
+        }
     }
 
     /// The two tensors under their checkpoint names.
-    pub fn tensors(&self) -> [(String, Tensor); 2] {
-        [
+    pub fn tensors(&self) -> Result<[(String, Tensor); 2]> {
+        let projection = match &self.projection {
+            Projection::Packed(p) => {
+                Tensor::from_vec(p.unpack(), (p.rows(), p.cols()), &Device::Cpu)?
+            }
+            Projection::Tensor(t) => t.clone(),
+        };
+        Ok([
             (Self::MEAN.to_string(), self.mean.clone()),
-            (Self::PROJECTION.to_string(), self.projection.clone()),
-        ]
+            (Self::PROJECTION.to_string(), projection),
+        ])
     }
 }
 

@@ -467,6 +467,67 @@ fn fused_cpu_blocks_equal_the_reference_blocks_layer_by_layer() -> Result<()> {
         let d = max_diff(fused.latent.as_ref().unwrap(), &reference.latent)?;
         assert!(d < 1e-4, "latent: fused vs reference {d}");
     }
+    // A pass that stops early (the engine's, when a readout reads early blocks only) keeps
+    // the same tokens and has no latent.
+    let early = Keep {
+        outputs: [0, 1].into(),
+        ..Keep::default()
+    };
+    let through = m.encode_through(&x, &early)?;
+    let reference = m.trace_encoder(&x, None)?;
+    assert!(
+        through.latent.is_none(),
+        "a pass through block 1 has no latent"
+    );
+    assert_eq!(through.outputs.keys().copied().collect::<Vec<_>>(), [0, 1]);
+    for (layer, tokens) in &through.outputs {
+        let d = max_diff(tokens, &reference.blocks[*layer].out)?;
+        assert!(d < 1e-4, "layer {layer} through block 1 vs reference {d}");
+    }
+    Ok(())
+}
+
+/// The default embedding as the server computes it (a pass stopped after the readout's
+/// deepest block, the projection packed into panels) against the same readout built from the
+/// reference blocks and candle's own product, for batches that exercise whole row blocks and
+/// the rows left over.
+#[test]
+fn the_whitened_grid_of_a_stopped_pass_equals_the_reference_readout() -> Result<()> {
+    let cfg = CrateMaeConfig {
+        depth: 3,
+        decoder_depth: 1,
+        ..small_config()
+    };
+    let spec = WhitenedGridSpec {
+        layer: 1,
+        grid: 2,
+        first_layer: Some(0),
+    };
+    let (pooled, k) = (spec.pooled_dim(cfg.dim), 40);
+    let mean = Tensor::randn(0f32, 1.0, pooled, &Device::Cpu)?;
+    let projection = Tensor::randn(0f32, 0.1, (pooled, k), &Device::Cpu)?;
+    let m = model(&cfg, 21)?.with_whitened_grid(spec, mean.clone(), projection.clone())?;
+    let keep = Keep {
+        outputs: spec.layers().collect(),
+        ..Keep::default()
+    };
+    for batch in [1, 6] {
+        let x = images(&cfg, batch, 17)?;
+        let through = m.encode_through(&x, &keep)?;
+        assert!(through.latent.is_none(), "the pass stops after block 1");
+        let served = m.whitened_embedding(&through.outputs)?;
+        let reference = m.trace_encoder(&x, None)?;
+        let grids = spec
+            .layers()
+            .map(|l| crate_mae::readout::grid_pool(&reference.blocks[l].out, spec.grid))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let want = Tensor::cat(&grids, 1)?
+            .broadcast_sub(&mean)?
+            .matmul(&projection)?;
+        assert_eq!(served.dims(), [batch, k]);
+        let d = max_diff(&served, &want)?;
+        assert!(d < 1e-4, "batch {batch}: served readout vs reference {d}");
+    }
     Ok(())
 }
 

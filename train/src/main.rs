@@ -435,7 +435,7 @@ fn eval(args: EvalArgs) -> Result<()> {
                 cfg.dim,
                 cfg.depth,
             )?;
-            tensors.extend(readout.tensors());
+            tensors.extend(readout.tensors()?);
             serving.whitened_grid = Some(w.spec);
         }
         checkpoint::save_safetensors(&tensors, &cfg, serving, out)?;

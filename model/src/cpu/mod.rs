@@ -14,6 +14,7 @@
 pub mod decoder;
 mod kernels;
 pub mod matmul;
+pub mod panels;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -340,13 +341,26 @@ impl CpuEncoder {
 
     /// `[B, C, S, S]` images → `[B, N, d]` final tokens (after the final norm), plus the
     /// outputs of the blocks in `keep` (`[B, N, d]` each, before the final norm, in `keep`'s
-    /// order).
+    /// order). With `through = Some(l)` the pass stops after block `l` and has no final
+    /// tokens: a readout of early blocks (the built-in model's default embedding reads blocks
+    /// 0 and 1 of 4) pays for those blocks only.
     pub fn encode(
         &self,
         images: &Tensor,
         mask: Option<&Mask>,
         keep: &[usize],
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+        through: Option<usize>,
+    ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        let blocks = match through {
+            Some(l) if l < self.blocks.len() && keep.iter().all(|&k| k <= l) => l + 1,
+            Some(l) => {
+                return Err(ModelError::input(format!(
+                    "a pass through block {l} of {} cannot keep blocks {keep:?}",
+                    self.blocks.len()
+                )))
+            }
+            None => self.blocks.len(),
+        };
         let Dims { n, d, c, s, .. } = self.dims;
         let b = images.dim(0)?;
         // The images in place when they are a contiguous f32 CPU tensor (what the server
@@ -395,6 +409,7 @@ impl CpuEncoder {
                         out,
                         &mut scratch,
                         1,
+                        blocks,
                         |l, x| {
                             // SAFETY: as above.
                             let dst = unsafe {
@@ -419,6 +434,7 @@ impl CpuEncoder {
                     &mut latent[i * per_image..(i + 1) * per_image],
                     &mut scratch,
                     threads,
+                    blocks,
                     |l, x| {
                         kept[(l * b + i) * per_image..(l * b + i + 1) * per_image]
                             .copy_from_slice(x)
@@ -429,7 +445,10 @@ impl CpuEncoder {
             self.give_scratch(scratch);
         }
         let dev = &Device::Cpu;
-        let latent = Tensor::from_vec(latent, (b, n, d), dev)?;
+        let latent = match through {
+            None => Some(Tensor::from_vec(latent, (b, n, d), dev)?),
+            Some(_) => None,
+        };
         let kept = kept
             .chunks_exact(b * per_image)
             .map(|k| Tensor::from_vec(k.to_vec(), (b, n, d), dev))
@@ -437,7 +456,8 @@ impl CpuEncoder {
         Ok((latent, kept))
     }
 
-    /// One image: embed, every block, final norm into `out` (`[N, d]`).
+    /// One image: embed, the first `blocks` blocks, and (after all of them) the final norm,
+    /// into `out` (`[N, d]`).
     #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
@@ -446,6 +466,7 @@ impl CpuEncoder {
         out: &mut [f32],
         sc: &mut Scratch,
         threads: usize,
+        blocks: usize,
         mut on_block: impl FnMut(usize, &[f32]),
         keep: &[usize],
     ) {
@@ -485,14 +506,16 @@ impl CpuEncoder {
         for (v, pos) in x.iter_mut().zip(&self.pos) {
             *v += pos;
         }
-        for (index, block) in self.blocks.iter().enumerate() {
+        for (index, block) in self.blocks[..blocks].iter().enumerate() {
             self.block(block, x, sc, threads);
             if keep.contains(&index) {
                 on_block(keep.iter().position(|&k| k == index).expect("kept"), x);
             }
         }
-        self.norm.apply(x, &mut sc.y[..n * d]);
-        x.copy_from_slice(&sc.y[..n * d]);
+        if blocks == self.blocks.len() {
+            self.norm.apply(x, &mut sc.y[..n * d]);
+            x.copy_from_slice(&sc.y[..n * d]);
+        }
     }
 
     /// `x ← ISTA(LN2(x + MSSA(LN1(x))))` in place.

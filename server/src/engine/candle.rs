@@ -114,7 +114,17 @@ impl Backend for CandleBackend {
             diagnostics: requested,
             diagnostics_images: None,
         };
-        let encoded = self.model.encode_keeping(&input, None, &keep)?;
+        // Only as far as the deepest block kept when no task reads the final latent (the
+        // whitened grid of early blocks, any `layer`'s pooling): the rest would be discarded.
+        let needs_latent = requested
+            || tasks
+                .iter()
+                .any(|t| t.pooled_from.is_none() || (t.patch_tokens && t.layer.is_none()));
+        let encoded = if needs_latent {
+            self.model.encode_keeping(&input, None, &keep)?
+        } else {
+            self.model.encode_through(&input, &keep)?
+        };
         // Sampled for the gauges only: a traced pass over a few images (the gauges are
         // batch means), off the fast path; nobody asked, so a failure must not fail the batch.
         let sampled = if sample && !requested {
@@ -135,10 +145,12 @@ impl Backend for CandleBackend {
         } else {
             None
         };
-        let latent = encoded.latent.as_ref().expect("full encoder pass");
+        let latent = encoded.latent.as_ref();
         let mut pooled = BTreeMap::new();
         let outputs = &encoded.outputs;
-        pooled.insert(None, Pooled::of(&self.model, latent, outputs, tasks, None)?);
+        if let Some(latent) = latent {
+            pooled.insert(None, Pooled::of(&self.model, latent, outputs, tasks, None)?);
+        }
         for (&l, tokens) in outputs {
             let of_l = Pooled::of(&self.model, tokens, outputs, tasks, Some(l))?;
             pooled.insert(Some(l), of_l);
@@ -161,7 +173,7 @@ impl Backend for CandleBackend {
             }
             let patch_tokens = if task.patch_tokens {
                 let source = match task.layer {
-                    None => latent,
+                    None => latent.expect("kept: a task reads the latent"),
                     Some(l) => &encoded.outputs[&l],
                 };
                 host(&source.i((b, 1..ntok))?)?
