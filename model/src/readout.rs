@@ -132,6 +132,9 @@ impl WhitenedGrid {
     ) -> Result<Self> {
         let pooled = spec.pooled_dim(dim);
         let bad = |why: String| Err(ModelError::Config(format!("whitened grid: {why}")));
+        if spec.grid == 0 {
+            return bad("a grid of 0 regions".into());
+        }
         if spec.layer >= depth || spec.layers().is_empty() {
             return bad(format!(
                 "reads {} of a {depth}-layer encoder",
@@ -304,6 +307,13 @@ mod tests {
         assert!(WhitenedGrid::new(spec, mean.clone(), projection.clone(), 3, 1).is_err());
         let deep = WhitenedGridSpec::of_layer(1, 1);
         assert!(WhitenedGrid::new(deep, mean, projection, 2, 1).is_err());
+        // A grid of no regions pools nothing: refused at load, not at the first request.
+        let empty = (
+            Tensor::zeros(0, DType::F32, &dev),
+            Tensor::zeros((0, 1), DType::F32, &dev),
+        );
+        let none = WhitenedGridSpec::of_layer(0, 0);
+        assert!(WhitenedGrid::new(none, empty.0.unwrap(), empty.1.unwrap(), 2, 1).is_err());
     }
 
     /// Two blocks' grids are concatenated in block order before the one projection, and a

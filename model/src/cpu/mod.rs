@@ -351,6 +351,8 @@ impl CpuEncoder {
         keep: &[usize],
         through: Option<usize>,
     ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        // Through the last block is the whole pass, final tokens included.
+        let through = through.filter(|&l| l + 1 != self.blocks.len());
         let blocks = match through {
             Some(l) if l < self.blocks.len() && keep.iter().all(|&k| k <= l) => l + 1,
             Some(l) => {

@@ -39,6 +39,9 @@ impl PanelMatrix {
         assert_eq!(p.len(), k * n, "a [{k}, {n}] matrix");
         let panels = n.div_ceil(PANEL);
         let mut data = vec![0f32; panels * k * PANEL];
+        if k == 0 {
+            return Self { k, n, data };
+        }
         for (j, panel) in data.chunks_exact_mut(k * PANEL).enumerate() {
             let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
             for (row, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
@@ -52,6 +55,9 @@ impl PanelMatrix {
     pub fn unpack(&self) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         let mut p = vec![0f32; k * n];
+        if k == 0 {
+            return p;
+        }
         for (j, panel) in self.data.chunks_exact(k * PANEL).enumerate() {
             let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
             for (row, src) in panel.chunks_exact(PANEL).enumerate() {
