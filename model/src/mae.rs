@@ -370,7 +370,7 @@ impl CrateMae {
         images: &Tensor,
         mask: Option<&Mask>,
         layers: &[usize],
-        through: Option<usize>,
+        last: usize,
     ) -> Option<Result<(Option<Tensor>, Vec<Tensor>)>> {
         let cpu = self.fast_path(images)?;
         let run = || -> Result<(Option<Tensor>, Vec<Tensor>)> {
@@ -378,7 +378,7 @@ impl CrateMae {
             if let Some(mask) = mask {
                 self.check_mask(mask, images.dim(0)?)?;
             }
-            cpu.encode(&images.to_dtype(DType::F32)?, mask, layers, through)
+            cpu.encode(&images.to_dtype(DType::F32)?, mask, layers, last)
         };
         Some(run())
     }
@@ -435,7 +435,7 @@ impl CrateMae {
     /// Encoder: `[B, C, S, S]` → `latent` `[B, 1 + L, d]` (after `norm`), in the model's
     /// dtype. With `mask = None` this is the embedding path.
     pub fn encode(&self, images: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
-        if let Some(fast) = self.fast_encode(images, mask, &[], None) {
+        if let Some(fast) = self.fast_encode(images, mask, &[], self.cfg.depth - 1) {
             return Ok(fast?.0.expect("a whole pass has its latent"));
         }
         let (_, x) = self.encoder_input(images, mask)?;
@@ -475,8 +475,7 @@ impl CrateMae {
         // candle's traced blocks.
         if !keep.diagnostics && keep.attention.is_empty() {
             let layers: Vec<usize> = keep.outputs.iter().copied().collect();
-            let through = (last + 1 < self.cfg.depth).then_some(last);
-            if let Some(fast) = self.fast_encode(images, mask, &layers, through) {
+            if let Some(fast) = self.fast_encode(images, mask, &layers, last) {
                 let (latent, kept) = fast?;
                 return Ok(Encoded {
                     latent,

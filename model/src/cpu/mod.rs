@@ -339,30 +339,24 @@ impl CpuEncoder {
                 .sum::<usize>()
     }
 
-    /// `[B, C, S, S]` images → `[B, N, d]` final tokens (after the final norm), plus the
-    /// outputs of the blocks in `keep` (`[B, N, d]` each, before the final norm, in `keep`'s
-    /// order). With `through = Some(l)` the pass stops after block `l` and has no final
-    /// tokens: a readout of early blocks (the built-in model's default embedding reads blocks
-    /// 0 and 1 of 4) pays for those blocks only.
+    /// `[B, C, S, S]` images through blocks `0..=last`: the outputs of the blocks in `keep`
+    /// (`[B, N, d]` each, before the final norm, in `keep`'s order), and when `last` is the
+    /// final block the final tokens (after the final norm). A readout of early blocks (the
+    /// built-in model's default embedding reads blocks 0 and 1 of 4) pays for those only.
     pub fn encode(
         &self,
         images: &Tensor,
         mask: Option<&Mask>,
         keep: &[usize],
-        through: Option<usize>,
+        last: usize,
     ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
-        // Through the last block is the whole pass, final tokens included.
-        let through = through.filter(|&l| l + 1 != self.blocks.len());
-        let blocks = match through {
-            Some(l) if l < self.blocks.len() && keep.iter().all(|&k| k <= l) => l + 1,
-            Some(l) => {
-                return Err(ModelError::input(format!(
-                    "a pass through block {l} of {} cannot keep blocks {keep:?}",
-                    self.blocks.len()
-                )))
-            }
-            None => self.blocks.len(),
-        };
+        if last >= self.blocks.len() || keep.iter().any(|&k| k > last) {
+            return Err(ModelError::input(format!(
+                "a pass through block {last} of {} cannot keep blocks {keep:?}",
+                self.blocks.len()
+            )));
+        }
+        let blocks = last + 1;
         let Dims { n, d, c, s, .. } = self.dims;
         let b = images.dim(0)?;
         // The images in place when they are a contiguous f32 CPU tensor (what the server
@@ -447,13 +441,13 @@ impl CpuEncoder {
             self.give_scratch(scratch);
         }
         let dev = &Device::Cpu;
-        let latent = match through {
-            None => Some(Tensor::from_vec(latent, (b, n, d), dev)?),
-            Some(_) => None,
-        };
-        let kept = kept
-            .chunks_exact(b * per_image)
-            .map(|k| Tensor::from_vec(k.to_vec(), (b, n, d), dev))
+        let latent = (blocks == self.blocks.len())
+            .then(|| Tensor::from_vec(latent, (b, n, d), dev))
+            .transpose()?;
+        // One tensor for every kept block, each block a view of it: no copy per block.
+        let kept = Tensor::from_vec(kept, (keep.len(), b, n, d), dev)?;
+        let kept = (0..keep.len())
+            .map(|l| kept.get(l))
             .collect::<candle_core::Result<_>>()?;
         Ok((latent, kept))
     }

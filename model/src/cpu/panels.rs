@@ -33,36 +33,32 @@ pub struct PanelMatrix {
     data: Vec<f32>,
 }
 
+/// Where row `r` of a row-major `[rows, n]` matrix lies in its panel-major form (`PANEL`
+/// columns per panel, each `[rows, PANEL]`): `(panel-major offset, row-major offset, width)`
+/// for every panel and row. Packing, unpacking and gathering the product's rows all use it.
+fn panel_spans(rows: usize, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..n.div_ceil(PANEL)).flat_map(move |j| {
+        let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
+        (0..rows).map(move |r| ((j * rows + r) * PANEL, r * n + from, width))
+    })
+}
+
 impl PanelMatrix {
     /// Packs a row-major `[k, n]` matrix.
     pub fn pack(p: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(p.len(), k * n, "a [{k}, {n}] matrix");
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
-        if k == 0 {
-            return Self { k, n, data };
-        }
-        for (j, panel) in data.chunks_exact_mut(k * PANEL).enumerate() {
-            let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
-            for (row, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-                dst[..width].copy_from_slice(&p[row * n + from..row * n + from + width]);
-            }
+        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
+        for (packed, plain, width) in panel_spans(k, n) {
+            data[packed..packed + width].copy_from_slice(&p[plain..plain + width]);
         }
         Self { k, n, data }
     }
 
     /// The row-major `[k, n]` matrix back.
     pub fn unpack(&self) -> Vec<f32> {
-        let (k, n) = (self.k, self.n);
-        let mut p = vec![0f32; k * n];
-        if k == 0 {
-            return p;
-        }
-        for (j, panel) in self.data.chunks_exact(k * PANEL).enumerate() {
-            let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
-            for (row, src) in panel.chunks_exact(PANEL).enumerate() {
-                p[row * n + from..row * n + from + width].copy_from_slice(&src[..width]);
-            }
+        let mut p = vec![0f32; self.k * self.n];
+        for (packed, plain, width) in panel_spans(self.k, self.n) {
+            p[plain..plain + width].copy_from_slice(&self.data[packed..packed + width]);
         }
         p
     }
@@ -85,6 +81,9 @@ impl PanelMatrix {
     fn left_multiply_with(&self, x: &[f32], m: usize, kernel: PanelKernel) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         assert_eq!(x.len(), m * k, "x must be [{m}, {k}]");
+        if m == 0 || n == 0 || k == 0 {
+            return vec![0f32; m * n];
+        }
         // Whole blocks of ROWS rows transposed, `[k, ROWS]` per block, so that a step of the
         // inner loop reads its rows' values from one place; the last `m % ROWS` rows as they
         // are (a lone row would otherwise pay for ROWS).
@@ -103,18 +102,15 @@ impl PanelMatrix {
             rest: &x[blocks * ROWS * k..],
             k,
         };
-        // Panel-major results (`[m, PANEL]` per panel), then into rows.
+        // The product panel-major (`[m, PANEL]` per panel), then gathered into rows.
         let mut by_panel = vec![0f32; self.data.len() / k * m];
         by_panel
             .par_chunks_mut(m * PANEL)
             .zip(self.data.par_chunks_exact(k * PANEL))
             .for_each(|(out, panel)| kernel(&rows, panel, out));
         let mut y = vec![0f32; m * n];
-        for (j, out) in by_panel.chunks_exact(m * PANEL).enumerate() {
-            let (from, width) = (j * PANEL, PANEL.min(n - j * PANEL));
-            for (r, y_row) in y.chunks_exact_mut(n).enumerate() {
-                y_row[from..from + width].copy_from_slice(&out[r * PANEL..r * PANEL + width]);
-            }
+        for (packed, plain, width) in panel_spans(m, n) {
+            y[plain..plain + width].copy_from_slice(&by_panel[packed..packed + width]);
         }
         y
     }
@@ -169,13 +165,15 @@ unsafe fn panel_product_avx2(rows: &Rows, panel: &[f32], out: &mut [f32]) {
     panel_product_with::<true, 16, 32, 2>(rows, panel, out)
 }
 
-/// How far ahead a lone row's loop asks for its panel (4 KiB at AVX-512's interleave): with the hint, one row on one
+/// How far ahead a lone row's loop asks for its panel (4 KiB): with the hint, one row on one
 /// thread streams `P` as fast as `gemm`'s matrix-vector product (without it, 10 % slower);
 /// the row blocks reuse each step from L1 and were no faster with it.
 const PREFETCH_AHEAD: usize = 8 * ROWS * PANEL;
 
 #[inline(always)]
 fn prefetch(p: *const f32) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it never faults, whatever the address.
     unsafe {
@@ -296,6 +294,11 @@ mod tests {
     #[test]
     fn left_multiply_equals_a_plain_product() {
         // k over K_STEP: several passes, the last partial.
+        // Empty shapes give empty or zero products.
+        assert!(PanelMatrix::pack(&[1.0; 6], 2, 3)
+            .left_multiply(&[], 0)
+            .is_empty());
+        assert_eq!(PanelMatrix::pack(&[], 0, 3).left_multiply(&[], 2), [0.0; 6]);
         for (m, k, n) in [
             (1, 7, 5),
             (3, 64, 32),
